@@ -1,0 +1,78 @@
+"""JSON errors for the HTTP API, and the middleware that guarantees no traceback leaks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message", ...}}` with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error answer."""
+        return {"error": {"code": self.code, "message": self.message, **self.extra}}
+
+    def response(self) -> web.Response:
+        """The error as an aiohttp response."""
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def not_found(what: str = "conversation") -> ApiError:
+    """A 404 that says what was not found."""
+    return ApiError(404, "not_found", f"No such {what}.")
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "auth",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn ApiError and aiohttp's HTTP errors into JSON; hide unexpected exceptions."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400 or not request.path.startswith(("/api/", "/v1/", "/ws")):
+            raise
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = "The request body is too large."
+        return ApiError(
+            exc.status, _HTTP_CODES.get(exc.status, "error"), message or exc.reason
+        ).response()
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ApiError(500, "internal", "Internal server error.").response()

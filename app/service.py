@@ -1,0 +1,426 @@
+"""The one streaming service both transports call: start, follow, cancel, persist runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.driver import Target, drive
+from app.errors import ApiError
+from app.runs import Run
+from app.settings import ProviderSettings, StreamingSettings
+from app.store import Store
+from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError
+
+log = logging.getLogger(__name__)
+
+TITLE_LENGTH = 60
+# Finished runs stay in memory this long so a reconnecting client resumes exactly.
+RETAIN_FINISHED = 120.0
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """A validated request to start a run."""
+
+    content: str | None
+    provider: str | None = None
+    model: str | None = None
+    options: GenerateOptions = field(default_factory=GenerateOptions)
+    client_message_id: str | None = None
+    request_id: str | None = None
+
+
+class ChatService:
+    """Owns live runs: one per conversation, each fanned out to any number of subscribers."""
+
+    def __init__(
+        self,
+        store: Store,
+        providers: Mapping[str, Provider],
+        provider_settings: Mapping[str, ProviderSettings],
+        settings: StreamingSettings,
+        default_provider: str,
+    ) -> None:
+        self.store = store
+        self.providers = providers
+        self.provider_settings = provider_settings
+        self.settings = settings
+        self.default_provider = default_provider
+        self.live_by_conversation: dict[str, Run] = {}
+        self.runs: dict[str, Run] = {}  # live and recently finished, by message id
+        self._reserved: set[str] = set()
+        self._live_event = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self.flush_count = 0
+        self.flush_failures = 0
+        self.accepting = True
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start_background(self) -> None:
+        """Start the single flusher task that batches all live runs' writes."""
+        self._flusher = asyncio.create_task(self._flush_loop(), name="streamchat-flusher")
+
+    async def close(self) -> None:
+        """Stop accepting runs, end the live ones as interrupted, stop the flusher."""
+        self.accepting = False
+        live = list(self.live_by_conversation.values())
+        for run in live:
+            if run.task is not None:
+                run.task.cancel()
+        for run in live:
+            await run.wait_finished()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+
+    # -- choosing a provider -----------------------------------------------------------
+
+    def resolve(self, provider: str | None, model: str | None) -> tuple[str, str]:
+        """Validate a provider/model choice; ApiError 400 names the problem."""
+        name = provider or self.default_provider
+        if name not in self.providers:
+            raise ApiError(400, "bad_request", f"Unknown provider {name!r}.", field="provider")
+        info = self.providers[name].info
+        if not info.available:
+            raise ApiError(
+                400,
+                "provider_unavailable",
+                f"Provider {name!r} is not available: {info.reason}",
+                field="provider",
+            )
+        return name, model or info.default_model
+
+    def _chain(self, name: str, model: str) -> list[Target]:
+        chain = [Target(self.providers[name], self.provider_settings[name], model)]
+        for fb in self.provider_settings[name].fallback:
+            p = self.providers.get(fb)
+            if p is not None and p.info.available and fb != name:
+                chain.append(Target(p, self.provider_settings[fb], p.info.default_model))
+        return chain
+
+    # -- history -----------------------------------------------------------------------
+
+    def build_prompt(
+        self, conversation: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
+    ) -> list[ChatMessage]:
+        """System prompt plus the newest history that fits the budget (oldest dropped)."""
+        budget = self.settings.history_budget
+        picked: list[ChatMessage] = []
+        used = 0
+        for msg in reversed(history):
+            if msg["role"] == "assistant" and (msg["status"] == "streaming" or not msg["content"]):
+                continue
+            cost = len(msg["content"])
+            if picked and used + cost > budget:
+                break
+            picked.append(ChatMessage(msg["role"], msg["content"]))
+            used += cost
+        picked.reverse()
+        # a prompt must not begin with an assistant turn
+        while picked and picked[0].role == "assistant":
+            picked.pop(0)
+        if conversation.get("system_prompt"):
+            picked.insert(0, ChatMessage("system", conversation["system_prompt"]))
+        return picked
+
+    # -- runs ----------------------------------------------------------------------------
+
+    def live_run(self, conversation_id: str) -> Run | None:
+        """The conversation's live run, if any."""
+        return self.live_by_conversation.get(conversation_id)
+
+    def get_run(self, message_id: str) -> Run | None:
+        """A live or recently finished run by its assistant message id."""
+        return self.runs.get(message_id)
+
+    async def start(
+        self, user_id: str, conversation: Mapping[str, Any], req: SendRequest
+    ) -> tuple[Run, bool]:
+        """Start a run for a new user message; returns (run, created).
+
+        A retried send with the same client_message_id returns the existing run.
+        Raises ApiError 409 while another run of the conversation is live.
+        """
+        cid = conversation["id"]
+        if req.client_message_id:
+            existing = await self.store.find_by_client_id(cid, req.client_message_id)
+            if existing is not None:
+                run = self.runs.get(existing["id"])
+                if run is not None:
+                    return run, False
+                raise ApiError(
+                    409,
+                    "duplicate",
+                    "This message was already sent; its answer has finished.",
+                    message_id=existing["id"],
+                    status=existing["status"],
+                )
+        if not self.accepting:
+            raise ApiError(
+                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
+            )
+        name, model = self.resolve(
+            req.provider or conversation.get("provider"),
+            req.model or (conversation.get("model") if not req.provider else None),
+        )
+        self._reserve(cid)
+        try:
+            history = await self.store.list_messages(cid)
+            if req.content is None and not any(m["role"] == "user" for m in history):
+                raise ApiError(400, "bad_request", "There is no user message to answer.")
+            title = None
+            if req.content is not None and not conversation.get("title"):
+                title = " ".join(req.content.split())[:TITLE_LENGTH]
+            user_mid, mid = await self.store.start_exchange(
+                cid,
+                content=req.content,
+                provider=name,
+                model=model,
+                client_message_id=req.client_message_id,
+                title=title,
+            )
+            if req.content is not None:
+                history.append({"role": "user", "content": req.content, "status": "complete"})
+            messages = self.build_prompt(conversation, history)
+            run = Run(
+                conversation_id=cid,
+                message_id=mid,
+                user_message_id=user_mid,
+                user_id=user_id,
+                provider=name,
+                model=model,
+            )
+            self._launch(run, self._chain(name, model), messages, req.options, req.request_id)
+        finally:
+            self._reserved.discard(cid)
+        return run, True
+
+    def _reserve(self, cid: str) -> None:
+        live = self.live_by_conversation.get(cid)
+        if live is not None:
+            raise ApiError(
+                409,
+                "conflict",
+                "An answer is already being generated in this conversation.",
+                message_id=live.message_id,
+            )
+        if cid in self._reserved:
+            raise ApiError(409, "conflict", "A message is already being sent in this conversation.")
+        self._reserved.add(cid)
+
+    def _launch(
+        self,
+        run: Run,
+        chain: list[Target],
+        messages: list[ChatMessage],
+        options: GenerateOptions,
+        request_id: str | None,
+    ) -> None:
+        start: dict[str, Any] = {
+            "type": "start",
+            "conversation_id": run.conversation_id,
+            "message_id": run.message_id,
+            "user_message_id": run.user_message_id,
+            "provider": run.provider,
+            "model": run.model,
+        }
+        if request_id is not None:
+            start["request_id"] = request_id
+        run.publish(start)
+        self.live_by_conversation[run.conversation_id] = run
+        self.runs[run.message_id] = run
+        self._live_event.set()
+        run.task = asyncio.create_task(
+            self._run(run, chain, messages, options), name=f"run-{run.message_id}"
+        )
+        log.info(
+            "run start message=%s conversation=%s provider=%s model=%s",
+            run.message_id,
+            run.conversation_id,
+            run.provider,
+            run.model,
+        )
+
+    async def _run(
+        self,
+        run: Run,
+        chain: list[Target],
+        messages: list[ChatMessage],
+        options: GenerateOptions,
+    ) -> None:
+        status = "complete"
+        error: ProviderError | None = None
+        waiting = asyncio.get_running_loop().call_later(
+            self.settings.status_interval, self._waiting_status, run
+        )
+        try:
+            await drive(run, chain, messages, options)
+        except asyncio.CancelledError:
+            status = "cancelled" if run.cancel_requested else "interrupted"
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if status == "interrupted":
+                error = ProviderError("shutdown", "The server stopped while answering.")
+        except ProviderError as err:
+            status, error = "failed", err
+        except Exception:
+            log.exception("run %s crashed", run.message_id)
+            status = "failed"
+            error = ProviderError("internal", "Something went wrong while answering.")
+        finally:
+            waiting.cancel()
+        await self._finish(run, status, error)
+
+    def _waiting_status(self, run: Run) -> None:
+        if run.done or run.first_token_at is not None:
+            return
+        waited = time.monotonic() - run.started_at
+        run.publish(
+            {
+                "type": "status",
+                "message_id": run.message_id,
+                "state": "waiting",
+                "waited": round(waited),
+                "message": f"Waiting for the model ({waited:.0f} s).",
+            }
+        )
+        asyncio.get_running_loop().call_later(
+            self.settings.status_interval, self._waiting_status, run
+        )
+
+    async def _finish(self, run: Run, status: str, error: ProviderError | None) -> None:
+        now = time.monotonic()
+        ttft_ms = tokens_per_s = None
+        if run.first_token_at is not None:
+            ttft_ms = (run.first_token_at - run.started_at) * 1000
+            gen = now - run.first_token_at
+            completion = run.usage["completion_tokens"] or run.text_events
+            if gen > 0 and completion:
+                tokens_per_s = completion / gen
+        if run.usage["completion_tokens"] is None and run.text_events:
+            run.usage["completion_tokens"] = run.text_events
+        duration_ms = (now - run.started_at) * 1000
+        content, reasoning = run.text(), run.reasoning_text()
+        try:
+            await self.store.finish_message(
+                run.message_id,
+                content=content,
+                reasoning=reasoning,
+                status=status,
+                finish_reason=run.finish_reason
+                if status == "complete"
+                else (status if status == "cancelled" else None),
+                prompt_tokens=run.usage["prompt_tokens"],
+                completion_tokens=run.usage["completion_tokens"],
+                error_code=error.code if error else None,
+                error_message=error.message if error else None,
+                ttft_ms=ttft_ms,
+                tokens_per_s=tokens_per_s,
+                duration_ms=duration_ms,
+            )
+        except Exception:
+            log.exception("could not save the final state of message %s", run.message_id)
+            status = "failed"
+            error = ProviderError("internal", "The answer could not be saved.")
+        run.final_status = status
+        metrics = {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s, "duration_ms": duration_ms}
+        if error is None:
+            run.publish(
+                {
+                    "type": "end",
+                    "message_id": run.message_id,
+                    "status": status,
+                    "finish_reason": run.finish_reason if status == "complete" else "cancelled",
+                    "usage": dict(run.usage),
+                    "metrics": metrics,
+                }
+            )
+        else:
+            run.error = {"code": error.code, "message": error.message}
+            event: dict[str, Any] = {
+                "type": "error",
+                "message_id": run.message_id,
+                "code": error.code,
+                "message": error.message,
+                "retryable": error.retryable,
+                "status": status,
+            }
+            if error.retry_after is not None:
+                event["retry_after"] = error.retry_after
+            run.publish(event)
+        if self.live_by_conversation.get(run.conversation_id) is run:
+            del self.live_by_conversation[run.conversation_id]
+        run.mark_finished()
+        asyncio.get_running_loop().call_later(RETAIN_FINISHED, self._forget, run)
+        log.info(
+            "run end message=%s provider=%s model=%s status=%s ttft_ms=%s tokens=%s"
+            " duration_ms=%.0f",
+            run.message_id,
+            run.provider,
+            run.model,
+            status,
+            f"{ttft_ms:.0f}" if ttft_ms is not None else "-",
+            run.usage["completion_tokens"],
+            duration_ms,
+        )
+
+    def _forget(self, run: Run) -> None:
+        if self.runs.get(run.message_id) is run:
+            del self.runs[run.message_id]
+
+    async def cancel(self, run: Run) -> None:
+        """Stop a run: abort the upstream request and save the partial text as cancelled."""
+        if not run.done and run.task is not None:
+            run.cancel_requested = True
+            run.task.cancel()
+        await run.wait_finished()
+
+    def subscriber_left(self, run: Run, transport: str) -> None:
+        """Uncount a subscriber; with on_disconnect=cancel the last one leaving cancels."""
+        remaining = run.unsubscribe(transport)
+        if remaining == 0 and not run.done and self.settings.on_disconnect == "cancel":
+            run.cancel_requested = True
+            if run.task is not None:
+                run.task.cancel()
+
+    # -- persistence -------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        """While runs are live, write every changed one at most once per flush_interval.
+
+        One executemany per tick for all runs: the write count depends on time, never
+        on the number of tokens.
+        """
+        while True:
+            await self._live_event.wait()
+            await asyncio.sleep(self.settings.flush_interval)
+            if not self.live_by_conversation:
+                self._live_event.clear()
+                continue
+            batch = [
+                (r, r.last_seq)
+                for r in self.live_by_conversation.values()
+                if r.last_seq != r.flushed_seq and not r.done
+            ]
+            if not batch:
+                continue
+            rows = [(r.text(), r.reasoning_text(), r.message_id) for r, _ in batch]
+            try:
+                await self.store.flush_contents(rows)
+            except Exception:
+                self.flush_failures += 1
+                log.exception("flush of %d live answer(s) failed; will retry", len(rows))
+                continue
+            self.flush_count += 1
+            for r, seq in batch:
+                r.flushed_seq = seq

