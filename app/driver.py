@@ -112,8 +112,8 @@ async def _stream_once(
 
 def _backoff(attempt: int, err: ProviderError) -> float:
     if err.retry_after is not None:
-        return min(err.retry_after, 60.0)
-    return min(MAX_BACKOFF, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
+        return float(min(err.retry_after, 60.0))
+    return min(MAX_BACKOFF, 0.25 * 2.0**attempt) * (0.5 + random.random() / 2)
 
 
 async def drive(

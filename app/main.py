@@ -57,7 +57,9 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
 
-def create_app(settings: Settings, *, providers: dict[str, Provider] | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, providers: dict[str, Provider] | None = None
+) -> web.Application:
     """Build the application. `providers` adds pre-built providers (e.g. scripted fakes)."""
     app = web.Application(
         middlewares=[error_middleware],

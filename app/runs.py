@@ -21,30 +21,31 @@ class Run:
     """
 
     __slots__ = (
-        "conversation_id",
-        "message_id",
-        "user_message_id",
-        "user_id",
-        "provider",
-        "model",
-        "events",
-        "content",
-        "reasoning",
-        "done",
-        "final_status",
-        "cancel_requested",
-        "task",
-        "subscribers",
-        "started_at",
-        "first_token_at",
-        "finished_at",
-        "usage",
-        "finish_reason",
-        "error",
-        "text_events",
-        "flushed_seq",
-        "_waiter",
         "_finished",
+        "_waiter",
+        "cancel_requested",
+        "content",
+        "conversation_id",
+        "done",
+        "error",
+        "events",
+        "final_status",
+        "finish_reason",
+        "finished_at",
+        "first_token_at",
+        "flushed_seq",
+        "message_id",
+        "model",
+        "persist",
+        "provider",
+        "reasoning",
+        "started_at",
+        "subscribers",
+        "task",
+        "text_events",
+        "usage",
+        "user_id",
+        "user_message_id",
     )
 
     def __init__(
@@ -58,7 +59,9 @@ class Run:
         model: str,
         prefix: str = "",
         prefix_reasoning: str = "",
+        persist: bool = True,
     ) -> None:
+        self.persist = persist
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.user_message_id = user_message_id

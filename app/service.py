@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ from app.driver import Target, drive
 from app.errors import ApiError
 from app.runs import Run
 from app.settings import ProviderSettings, StreamingSettings
-from app.store import Store
+from app.store import Store, new_id
 from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class ChatService:
     def __init__(
         self,
         store: Store,
-        providers: Mapping[str, Provider],
+        providers: dict[str, Provider],
         provider_settings: Mapping[str, ProviderSettings],
         settings: StreamingSettings,
         default_provider: str,
@@ -77,10 +78,8 @@ class ChatService:
             await run.wait_finished()
         if self._flusher is not None:
             self._flusher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
-            except asyncio.CancelledError:
-                pass
 
     # -- choosing a provider -----------------------------------------------------------
 
@@ -162,7 +161,7 @@ class ChatService:
                     "duplicate",
                     "This message was already sent; its answer has finished.",
                     message_id=existing["id"],
-                    status=existing["status"],
+                    message_status=existing["status"],
                 )
         if not self.accepting:
             raise ApiError(
@@ -175,8 +174,15 @@ class ChatService:
         self._reserve(cid)
         try:
             history = await self.store.list_messages(cid)
-            if req.content is None and not any(m["role"] == "user" for m in history):
-                raise ApiError(400, "bad_request", "There is no user message to answer.")
+            if req.content is None:
+                # regenerate: drop the answers after the last user message, answer it again
+                if not any(m["role"] == "user" for m in history):
+                    raise ApiError(400, "bad_request", "There is no user message to answer.")
+                trailing = []
+                while history and history[-1]["role"] == "assistant":
+                    trailing.append(history.pop())
+                if trailing:
+                    await self.store.delete_messages_from(cid, trailing[-1]["id"])
             title = None
             if req.content is not None and not conversation.get("title"):
                 title = " ".join(req.content.split())[:TITLE_LENGTH]
@@ -203,6 +209,32 @@ class ChatService:
         finally:
             self._reserved.discard(cid)
         return run, True
+
+    def start_ephemeral(
+        self,
+        user_id: str,
+        messages: list[ChatMessage],
+        provider: str | None,
+        model: str | None,
+        options: GenerateOptions,
+    ) -> Run:
+        """Start a run that is not stored (the OpenAI-compatible stateless mode)."""
+        if not self.accepting:
+            raise ApiError(
+                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
+            )
+        name, model = self.resolve(provider, model)
+        run = Run(
+            conversation_id="",
+            message_id=new_id(),
+            user_message_id=None,
+            user_id=user_id,
+            provider=name,
+            model=model,
+            persist=False,
+        )
+        self._launch(run, self._chain(name, model), messages, options, None)
+        return run
 
     def _reserve(self, cid: str) -> None:
         live = self.live_by_conversation.get(cid)
@@ -236,7 +268,8 @@ class ChatService:
         if request_id is not None:
             start["request_id"] = request_id
         run.publish(start)
-        self.live_by_conversation[run.conversation_id] = run
+        if run.persist:
+            self.live_by_conversation[run.conversation_id] = run
         self.runs[run.message_id] = run
         self._live_event.set()
         run.task = asyncio.create_task(
@@ -312,22 +345,21 @@ class ChatService:
         duration_ms = (now - run.started_at) * 1000
         content, reasoning = run.text(), run.reasoning_text()
         try:
-            await self.store.finish_message(
-                run.message_id,
-                content=content,
-                reasoning=reasoning,
-                status=status,
-                finish_reason=run.finish_reason
-                if status == "complete"
-                else (status if status == "cancelled" else None),
-                prompt_tokens=run.usage["prompt_tokens"],
-                completion_tokens=run.usage["completion_tokens"],
-                error_code=error.code if error else None,
-                error_message=error.message if error else None,
-                ttft_ms=ttft_ms,
-                tokens_per_s=tokens_per_s,
-                duration_ms=duration_ms,
-            )
+            if run.persist:
+                await self.store.finish_message(
+                    run.message_id,
+                    content=content,
+                    reasoning=reasoning,
+                    status=status,
+                    finish_reason=run.finish_reason if status == "complete" else None,
+                    prompt_tokens=run.usage["prompt_tokens"],
+                    completion_tokens=run.usage["completion_tokens"],
+                    error_code=error.code if error else None,
+                    error_message=error.message if error else None,
+                    ttft_ms=ttft_ms,
+                    tokens_per_s=tokens_per_s,
+                    duration_ms=duration_ms,
+                )
         except Exception:
             log.exception("could not save the final state of message %s", run.message_id)
             status = "failed"

@@ -172,10 +172,10 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     return value
 
 
-def _provider(
-    name: str, data: Mapping[str, Any], env: Mapping[str, str]
-) -> ProviderSettings:
-    kwargs = _section(ProviderSettings, {k: v for k, v in data.items() if k != "api_key"}, f"providers.{name}")
+def _provider(name: str, data: Mapping[str, Any], env: Mapping[str, str]) -> ProviderSettings:
+    kwargs = _section(
+        ProviderSettings, {k: v for k, v in data.items() if k != "api_key"}, f"providers.{name}"
+    )
     if "api_key" in data:
         raise SettingsError(
             f"providers.{name}: put the key in an env var and name it with api_key_env"

@@ -55,9 +55,7 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-CONVERSATION_COLUMNS = (
-    "id, title, provider, model, system_prompt, created_at, updated_at"
-)
+CONVERSATION_COLUMNS = "id, title, provider, model, system_prompt, created_at, updated_at"
 MESSAGE_COLUMNS = (
     "id, conversation_id, role, content, reasoning, status, provider, model, finish_reason, "
     "prompt_tokens, completion_tokens, error_code, error_message, ttft_ms, tokens_per_s, "
@@ -87,7 +85,7 @@ class Store:
         await self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
         async with self.db.execute("SELECT MAX(version) AS v FROM schema_version") as cur:
             row = await cur.fetchone()
-        current = (row or {}).get("v") or 0  # type: ignore[union-attr]
+        current = int(row["v"] or 0) if row is not None else 0  # type: ignore[call-overload, index]
         for version, sql in enumerate(MIGRATIONS, start=1):
             if version <= current:
                 continue

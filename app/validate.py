@@ -46,7 +46,12 @@ def _unknown(body: Mapping[str, Any], allowed: set[str], where: str = "") -> Non
 
 
 def _str(
-    body: Mapping[str, Any], key: str, *, required: bool = False, max_len: int, allow_empty: bool = True
+    body: Mapping[str, Any],
+    key: str,
+    *,
+    required: bool = False,
+    max_len: int,
+    allow_empty: bool = True,
 ) -> str | None:
     if key not in body or body[key] is None:
         if required:
@@ -67,7 +72,13 @@ def _str(
 
 
 def _number(
-    body: Mapping[str, Any], key: str, lo: float, hi: float, *, integer: bool = False, where: str = ""
+    body: Mapping[str, Any],
+    key: str,
+    lo: float,
+    hi: float,
+    *,
+    integer: bool = False,
+    where: str = "",
 ) -> Any:
     if key not in body or body[key] is None:
         return None
@@ -116,16 +127,35 @@ def parse_send(body: Mapping[str, Any], *, extra_fields: set[str] = frozenset())
     )
 
 
+def parse_regenerate(body: Mapping[str, Any]) -> SendRequest:
+    """Validate a regenerate request: provider, model and options may change."""
+    _unknown(body, {"provider", "model", "options", "request_id"})
+    return SendRequest(
+        content=None,
+        provider=_str(body, "provider", max_len=100),
+        model=_str(body, "model", max_len=200),
+        options=parse_options(body.get("options")),
+        request_id=_str(body, "request_id", max_len=100),
+    )
+
+
 def parse_conversation(body: Mapping[str, Any], *, partial: bool) -> dict[str, Any]:
     """Validate a conversation create (partial=False) or PATCH (partial=True)."""
     _unknown(body, {"title", "provider", "model", "system_prompt"})
     out: dict[str, Any] = {}
-    for key, max_len in (("title", MAX_TITLE), ("provider", 100), ("model", 200), ("system_prompt", MAX_SYSTEM)):
+    for key, max_len in (
+        ("title", MAX_TITLE),
+        ("provider", 100),
+        ("model", 200),
+        ("system_prompt", MAX_SYSTEM),
+    ):
         value = _str(body, key, max_len=max_len)
         if value is not None:
             out[key] = value
     if partial and not out:
-        raise ApiError(400, "bad_request", "Nothing to change: give title, provider, model or system_prompt.")
+        raise ApiError(
+            400, "bad_request", "Nothing to change: give title, provider, model or system_prompt."
+        )
     return out
 
 
@@ -140,8 +170,12 @@ def parse_page(request: web.Request) -> tuple[int, int]:
         try:
             value = int(raw)
         except ValueError:
-            raise ApiError(400, "bad_request", f"Query parameter {key!r} must be an integer.", field=key) from None
+            raise ApiError(
+                400, "bad_request", f"Query parameter {key!r} must be an integer.", field=key
+            ) from None
         if not (0 if key == "offset" else 1) <= value <= hi:
-            raise ApiError(400, "bad_request", f"Query parameter {key!r} is out of range.", field=key)
+            raise ApiError(
+                400, "bad_request", f"Query parameter {key!r} is out of range.", field=key
+            )
         out.append(value)
     return out[0], out[1]

@@ -23,7 +23,10 @@ def public_message(m: dict[str, Any]) -> dict[str, Any]:
             provider=m["provider"],
             model=m["model"],
             finish_reason=m["finish_reason"],
-            usage={"prompt_tokens": m["prompt_tokens"], "completion_tokens": m["completion_tokens"]},
+            usage={
+                "prompt_tokens": m["prompt_tokens"],
+                "completion_tokens": m["completion_tokens"],
+            },
             error={"code": m["error_code"], "message": m["error_message"]}
             if m["error_code"]
             else None,
@@ -170,6 +173,26 @@ async def send_blocking(request: web.Request) -> web.Response:
     return web.json_response(
         {"user_message_id": run.user_message_id, "message": public_message(message)}
     )
+
+
+@routes.delete("/api/v1/conversations/{cid}/messages/{mid}")
+async def truncate(request: web.Request) -> web.Response:
+    """Delete a message and every later one (to edit and resend a user message)."""
+    conv = await load_conversation(request)
+    mid = check_id(request.match_info["mid"], "message")
+    store = request.app[STORE]
+    if await store.get_message(user_id(request), conv["id"], mid) is None:
+        raise not_found("message")
+    live = request.app[SERVICE].live_run(conv["id"])
+    if live is not None:
+        raise ApiError(
+            409,
+            "conflict",
+            "An answer is being generated; stop it first.",
+            message_id=live.message_id,
+        )
+    await store.delete_messages_from(conv["id"], mid)
+    return web.Response(status=204)
 
 
 @routes.post("/api/v1/conversations/{cid}/messages/{mid}/cancel")

@@ -13,7 +13,7 @@ from app.events import replay_finished
 from app.keys import SERVICE, SETTINGS, STORE
 from app.runs import Run
 from app.service import ChatService
-from app.validate import check_id, json_body, parse_send
+from app.validate import check_id, json_body, parse_regenerate, parse_send
 from app.views_api import load_conversation, streaming_enabled
 
 routes = web.RouteTableDef()
@@ -24,9 +24,13 @@ def _after(request: web.Request) -> int:
     try:
         after = int(raw)
     except ValueError:
-        raise ApiError(400, "bad_request", "Last-Event-ID / after must be an integer.", field="after") from None
+        raise ApiError(
+            400, "bad_request", "Last-Event-ID / after must be an integer.", field="after"
+        ) from None
     if after < 0:
-        raise ApiError(400, "bad_request", "Last-Event-ID / after must not be negative.", field="after")
+        raise ApiError(
+            400, "bad_request", "Last-Event-ID / after must not be negative.", field="after"
+        )
     return after
 
 
@@ -61,7 +65,9 @@ async def _follow(
         service.subscriber_left(run, "sse")
 
 
-async def _replay(events: list[tuple[int, str]], after: int) -> AsyncIterator[list[tuple[int, str]]]:
+async def _replay(
+    events: list[tuple[int, str]], after: int
+) -> AsyncIterator[list[tuple[int, str]]]:
     batch = [(s, d) for s, d in events if s > after]
     if batch:
         yield batch
@@ -73,6 +79,18 @@ async def send_stream(request: web.Request) -> web.StreamResponse:
     streaming_enabled(request)
     conv = await load_conversation(request)
     req = parse_send(await json_body(request))
+    service = request.app[SERVICE]
+    run, _ = await service.start(user_id(request), conv, req)
+    return await _respond(request, _follow(service, run, 0))
+
+
+@routes.post("/api/v1/conversations/{cid}/regenerate")
+async def regenerate_stream(request: web.Request) -> web.StreamResponse:
+    """Replace the last answer with a new one, streamed as SSE."""
+    streaming_enabled(request)
+    conv = await load_conversation(request)
+    body = await json_body(request) if request.can_read_body else {}
+    req = parse_regenerate(body)
     service = request.app[SERVICE]
     run, _ = await service.start(user_id(request), conv, req)
     return await _respond(request, _follow(service, run, 0))

