@@ -51,9 +51,7 @@ def fake() -> ScriptedProvider:
 
 
 @pytest.fixture
-def make_app(
-    db_path: str, fake: ScriptedProvider
-) -> Callable[..., web.Application]:
+def make_app(db_path: str, fake: ScriptedProvider) -> Callable[..., web.Application]:
     """Build an app on the temp DB with the fake provider (and any other providers)."""
 
     def factory(providers: dict[str, Any] | None = None, **overrides: Any) -> web.Application:

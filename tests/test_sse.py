@@ -1,0 +1,156 @@
+"""SSE on the wire: exact frames, hostile text, resume with Last-Event-ID, heartbeat, 503."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.fakes import ScriptedProvider, words
+from tests.helpers import new_conversation, parse_frames, read_events, text_of
+
+TEXT = " ".join(f"tok{i}" for i in range(30))
+
+
+async def test_exact_frames(client: TestClient[Any, Any], fake: ScriptedProvider) -> None:
+    fake.enqueue([("text", "Hel"), ("text", "lo"), ("usage", 3, 2), ("finish", "stop")])
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "hi"})
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    assert resp.headers["Cache-Control"] == "no-cache"
+    assert resp.headers["X-Accel-Buffering"] == "no"
+    raw = await resp.text()
+    start = json.loads(raw.split("\n")[1][6:])
+    mid, umid = start["message_id"], start["user_message_id"]
+    expected = (
+        "id: 1\ndata: "
+        + json.dumps(
+            {
+                "type": "start",
+                "conversation_id": cid,
+                "message_id": mid,
+                "user_message_id": umid,
+                "provider": "fake",
+                "model": "fake-1",
+                "seq": 1,
+            },
+            separators=(",", ":"),
+        )
+        + "\n\n"
+        + f'id: 2\ndata: {{"type":"chunk","message_id":"{mid}","content":"Hel","seq":2}}\n\n'
+        + f'id: 3\ndata: {{"type":"chunk","message_id":"{mid}","content":"lo","seq":3}}\n\n'
+    )
+    assert raw.startswith(expected)
+    frames = parse_frames(raw)
+    end = frames[-1][1]
+    assert frames[-1][0] == 4 and end["type"] == "end" and end["seq"] == 4
+    assert end["usage"] == {"prompt_tokens": 3, "completion_tokens": 2}
+    assert raw.endswith("\n\n") and raw.count("\n\n") == 4
+
+
+async def test_hostile_model_text_stays_one_event(
+    client: TestClient[Any, Any], fake: ScriptedProvider
+) -> None:
+    nasty = ["a\n\ndata: x", "\r", "b\r\nid: 99\n", "event: end\n\n", "é😀\u2028"]
+    fake.enqueue([("text", t) for t in nasty] + [("finish", "stop")])
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "hi"})
+    raw = await resp.text()
+    frames = parse_frames(raw)
+    assert [seq for seq, _ in frames] == list(range(1, len(nasty) + 3))
+    chunks = [ev["content"] for _, ev in frames if ev["type"] == "chunk"]
+    assert chunks == nasty
+
+
+async def test_resume_from_the_middle_of_a_live_run_gets_every_token_once(
+    client: TestClient[Any, Any], fake: ScriptedProvider
+) -> None:
+    fake.enqueue(words(TEXT, delay=0.02))
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    first = await read_events(resp, limit=8)
+    resp.close()  # connection lost mid-run
+    mid = first[0]["message_id"]
+    last_id = first[-1]["seq"]
+    resumed = await client.get(
+        f"/api/v1/conversations/{cid}/messages/{mid}/stream",
+        headers={"Last-Event-ID": str(last_id)},
+    )
+    assert resumed.status == 200
+    rest = await read_events(resumed)
+    assert rest[0]["seq"] == last_id + 1
+    seqs = [e["seq"] for e in first + rest]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert text_of(first + rest) == TEXT
+    assert rest[-1]["type"] == "end"
+    # ?after= works the same and a second live subscriber sees the same events
+    again = await client.get(f"/api/v1/conversations/{cid}/messages/{mid}/stream?after=0")
+    assert text_of(await read_events(again)) == TEXT
+
+
+async def test_two_subscribers_get_identical_events(
+    client: TestClient[Any, Any], fake: ScriptedProvider
+) -> None:
+    fake.enqueue(words(TEXT, delay=0.01))
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    first = await read_events(resp, limit=1)
+    mid = first[0]["message_id"]
+    other = await client.get(f"/api/v1/conversations/{cid}/messages/{mid}/stream")
+    a, b = await asyncio.gather(read_events(resp), read_events(other))
+    assert first + a == b
+
+
+async def test_finished_message_replays_start_chunk_end(
+    client: TestClient[Any, Any], fake: ScriptedProvider
+) -> None:
+    fake.enqueue(words(TEXT))
+    cid = await new_conversation(client)
+    events = await read_events(
+        await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    )
+    mid = events[0]["message_id"]
+    # forget the in-memory log to force the stored replay
+    from app.keys import SERVICE
+
+    client.app[SERVICE].runs.pop(mid)
+    resp = await client.get(f"/api/v1/conversations/{cid}/messages/{mid}/stream")
+    replay = await read_events(resp)
+    assert [e["type"] for e in replay] == ["start", "chunk", "end"]
+    assert replay[0]["replay"] is True
+    assert replay[1]["content"] == TEXT
+    assert replay[2]["status"] == "complete"
+
+
+async def test_heartbeat_comment_while_waiting(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    client = await aiohttp_client(make_app(streaming={"heartbeat": 0.1, "status_interval": 0.15}))
+    fake.enqueue([("sleep", 0.5), ("text", "late"), ("finish", "stop")])
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    raw = await resp.text()
+    assert ": ping\n\n" in raw
+    frames = parse_frames(raw)
+    statuses = [ev for _, ev in frames if ev["type"] == "status"]
+    assert statuses and statuses[0]["state"] == "waiting"
+    assert text_of([ev for _, ev in frames]) == "late"
+
+
+async def test_streaming_disabled_is_503_but_blocking_send_works(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    client = await aiohttp_client(make_app(streaming={"enabled": False}))
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    assert resp.status == 503
+    assert (await resp.json())["error"]["code"] == "streaming_disabled"
+    ws = await client.get("/ws")
+    assert ws.status == 503
+    ok = await client.post(f"/api/v1/conversations/{cid}/messages", json={"content": "x"})
+    assert ok.status == 200
+    assert (await ok.json())["message"]["content"] == "You said: x"
+    conv = await (await client.get(f"/api/v1/conversations/{cid}")).json()
+    assert len(conv["messages"]) == 2  # the refused stream stored nothing
