@@ -16,14 +16,6 @@ from tests.helpers import iter_events, new_conversation, read_events, text_of
 TEXT = " ".join(f"w{i}" for i in range(40))
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    """Poll until predicate() is true (bounded)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_sequence_numbers_and_one_terminal_event(
     client: TestClient[Any, Any], fake: ScriptedProvider
 ) -> None:

@@ -15,9 +15,9 @@ from tests.helpers import new_conversation
 TEXT = " ".join(f"t{i}" for i in range(30))
 
 
-async def recv(ws: ClientWebSocketResponse, timeout: float = 5.0) -> dict[str, Any]:
-    """One JSON message from the socket."""
-    msg = await ws.receive(timeout=timeout)
+async def recv(ws: ClientWebSocketResponse) -> dict[str, Any]:
+    """One JSON message from the socket (5 s at most)."""
+    msg = await ws.receive(timeout=5.0)
     assert msg.type == WSMsgType.TEXT, msg
     return json.loads(msg.data)  # type: ignore[no-any-return]
 
