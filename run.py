@@ -32,9 +32,19 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    app = create_app(settings)
+    app = create_app(settings, handle_signals=True)
     print(f"streamchat on http://{settings.host}:{settings.port}", flush=True)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    # Our own SIGTERM/SIGINT handlers drain runs first (app/lifecycle.py); aiohttp then
+    # waits at most this long for the remaining requests.
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=5.0,
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +41,30 @@ class ApiError(Exception):
         """The error as an aiohttp response."""
         return web.json_response(self.body(), status=self.status, headers=self.headers)
 
+    def openai_body(self) -> dict[str, Any]:
+        """The error in OpenAI's shape, for the OpenAI-compatible API under /v1/."""
+        etype = self.extra.get("type") or _OPENAI_TYPES.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+        )
+        return {
+            "error": {
+                "message": self.message,
+                "type": etype,
+                "param": self.extra.get("field"),
+                "code": self.code,
+            }
+        }
+
+    def response_for(self, request: web.Request) -> web.Response:
+        """The error as a response: OpenAI's error shape under /v1/, ours elsewhere."""
+        if request.path.startswith("/v1/"):
+            return web.json_response(self.openai_body(), status=self.status, headers=self.headers)
+        return self.response()
+
+
+# OpenAI error `type` by HTTP status (the /v1/ API); anything else 4xx is invalid_request_error
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
 
 def not_found(what: str = "conversation") -> ApiError:
     """A 404 that says what was not found."""
@@ -63,7 +88,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return exc.response_for(request)
     except web.HTTPException as exc:
         if exc.status < 400 or not request.path.startswith(("/api/", "/v1/", "/ws")):
             raise
@@ -72,7 +97,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = "The request body is too large."
         return ApiError(
             exc.status, _HTTP_CODES.get(exc.status, "error"), message or exc.reason
-        ).response()
+        ).response_for(request)
+    except sqlite3.OperationalError as exc:
+        log.error("database error on %s %s: %s", request.method, request.path, exc)
+        return ApiError(
+            503, "storage_busy", "The database is busy; try again shortly.", retryable=True
+        ).response_for(request)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ApiError(500, "internal", "Internal server error.").response()
+        return ApiError(500, "internal", "Internal server error.").response_for(request)

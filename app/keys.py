@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
 from app.service import ChatService
@@ -9,9 +12,14 @@ from app.settings import Settings
 from app.store import Store
 from providers.base import Provider
 
+if TYPE_CHECKING:
+    from app.views_ws import Socket
+
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 SERVICE = web.AppKey("service", ChatService)
+# Open WebSocket connections, so shutdown can deliver final events and close them with 1001
+SOCKETS: web.AppKey[weakref.WeakSet[Socket]] = web.AppKey("sockets")
 # Providers injected by the embedding code (tests: scripted fakes), merged over configured ones
 EXTRA_PROVIDERS = web.AppKey("extra_providers", dict[str, Provider])

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app import views_api, views_sse, views_ws
+from app import lifecycle, views_api, views_sse, views_ws
 from app.errors import error_middleware
 from app.keys import EXTRA_PROVIDERS, PROVIDERS, SERVICE, SETTINGS, STORE
 from app.security import security_headers
@@ -24,7 +24,7 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_store(app[SETTINGS].db) as store:
+    async with open_store(app[SETTINGS].db, app[SETTINGS].db_busy_timeout) as store:
         app[STORE] = store
         yield
 
@@ -57,8 +57,19 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
 
+async def _signals(app: web.Application) -> None:
+    lifecycle.install_signal_handlers(app)
+
+
+async def _drain(app: web.Application) -> None:
+    await lifecycle.drain_and_close(app, 0)
+
+
 def create_app(
-    settings: Settings, *, providers: dict[str, Provider] | None = None
+    settings: Settings,
+    *,
+    providers: dict[str, Provider] | None = None,
+    handle_signals: bool = False,
 ) -> web.Application:
     """Build the application. `providers` adds pre-built providers (e.g. scripted fakes)."""
     app = web.Application(
@@ -71,6 +82,12 @@ def create_app(
         app[EXTRA_PROVIDERS] = providers
     # cleanup_ctx order matters: the service needs the store and the providers.
     app.cleanup_ctx.extend([_store_ctx, _providers_ctx, _service_ctx])
+    app.on_startup.append(lifecycle.on_startup)
+    if handle_signals:
+        app.on_startup.append(_signals)
+    # on_shutdown runs before aiohttp waits for open requests: drain (for the signal path
+    # this already happened) so SSE handlers end and WebSockets close with 1001.
+    app.on_shutdown.append(_drain)
     app.router.add_routes(views_api.routes)
     app.router.add_routes(views_sse.routes)
     app.router.add_routes(views_ws.routes)

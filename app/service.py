@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError
 log = logging.getLogger(__name__)
 
 TITLE_LENGTH = 60
+CONTINUABLE = ("interrupted", "cancelled", "failed")
 # Finished runs stay in memory this long so a reconnecting client resumes exactly.
 RETAIN_FINISHED = 120.0
 
@@ -67,15 +69,32 @@ class ChatService:
         """Start the single flusher task that batches all live runs' writes."""
         self._flusher = asyncio.create_task(self._flush_loop(), name="streamchat-flusher")
 
-    async def close(self) -> None:
-        """Stop accepting runs, end the live ones as interrupted, stop the flusher."""
+    async def drain(self, grace: float) -> int:
+        """Stop accepting runs, give live ones `grace` seconds, then interrupt the rest.
+
+        Interrupted runs are saved as `interrupted` with their text so far and end with a
+        retryable `shutdown` error event. Returns how many runs were interrupted.
+        """
         self.accepting = False
-        live = list(self.live_by_conversation.values())
-        for run in live:
-            if run.task is not None:
+        live = [r for r in self.runs.values() if not r.done]
+        if live and grace > 0:
+            log.info("waiting up to %.0f s for %d live run(s) to finish", grace, len(live))
+            await asyncio.wait(
+                [asyncio.ensure_future(r.wait_finished()) for r in live], timeout=grace
+            )
+        remaining = [r for r in self.runs.values() if not r.finished_at]
+        for run in remaining:
+            if run.task is not None and not run.done:
                 run.task.cancel()
-        for run in live:
+        for run in remaining:
             await run.wait_finished()
+        if remaining:
+            log.warning("interrupted %d run(s) at shutdown", len(remaining))
+        return len(remaining)
+
+    async def close(self) -> None:
+        """Interrupt whatever is still live and stop the flusher."""
+        await self.drain(0)
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -210,6 +229,56 @@ class ChatService:
             self._reserved.discard(cid)
         return run, True
 
+    async def continue_answer(
+        self, user_id: str, conversation: Mapping[str, Any], mid: str, req: SendRequest
+    ) -> Run:
+        """Carry on an interrupted, cancelled or failed answer, appending to the same message.
+
+        The new run's events carry only the new text; its `start` says `continued: true`.
+        """
+        if not self.accepting:
+            raise ApiError(
+                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
+            )
+        cid = conversation["id"]
+        self._reserve(cid)
+        try:
+            history = await self.store.list_messages(cid)
+            index = next((i for i, m in enumerate(history) if m["id"] == mid), None)
+            if index is None or history[index]["role"] != "assistant":
+                raise ApiError(404, "not_found", "No such message.")
+            message = history[index]
+            if message["status"] not in CONTINUABLE:
+                raise ApiError(
+                    409,
+                    "conflict",
+                    f"Only an interrupted, stopped or failed answer can be continued "
+                    f"(this one is {message['status']}).",
+                )
+            if index != len(history) - 1:
+                raise ApiError(409, "conflict", "Only the last answer can be continued.")
+            name, model = self.resolve(
+                req.provider or message["provider"],
+                req.model or (message["model"] if not req.provider else None),
+            )
+            await self.store.reopen_message(mid, name, model)
+            messages = self.build_prompt(conversation, history[:index])
+            options = dataclasses.replace(req.options, prefill=message["content"] or None)
+            run = Run(
+                conversation_id=cid,
+                message_id=mid,
+                user_message_id=None,
+                user_id=user_id,
+                provider=name,
+                model=model,
+                prefix=message["content"],
+                prefix_reasoning=message["reasoning"],
+            )
+            self._launch(run, self._chain(name, model), messages, options, req.request_id, True)
+        finally:
+            self._reserved.discard(cid)
+        return run
+
     def start_ephemeral(
         self,
         user_id: str,
@@ -256,6 +325,7 @@ class ChatService:
         messages: list[ChatMessage],
         options: GenerateOptions,
         request_id: str | None,
+        continued: bool = False,
     ) -> None:
         start: dict[str, Any] = {
             "type": "start",
@@ -267,6 +337,8 @@ class ChatService:
         }
         if request_id is not None:
             start["request_id"] = request_id
+        if continued:
+            start["continued"] = True
         run.publish(start)
         if run.persist:
             self.live_by_conversation[run.conversation_id] = run

@@ -76,6 +76,48 @@ class StreamingSettings:
     on_disconnect: str = "continue"  # or "cancel"
     history_budget: int = 24_000  # characters of history sent upstream
     status_interval: float = 5.0  # how often waiting clients hear how long they waited
+    shutdown_grace: float = 20.0  # SIGTERM: how long live runs may finish before interruption
+    send_timeout: float = 30.0  # a subscriber whose write blocks this long is disconnected
+    subscriber_lag_limit: int = 10_000  # ...and so is one this many events behind the run
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may use the server (see app/auth.py)."""
+
+    mode: str = "none"  # "none": everyone is the local user (loopback only); or "api_key"
+    allow_insecure_none: bool = False  # let mode "none" listen on a non-loopback address
+    origins: tuple[str, ...] = ()  # origins trusted besides the server's own (cookies, /ws)
+    cors_origins: tuple[str, ...] = ()  # CORS allow-list for Bearer clients; empty: CORS off
+    session_days: float = 30.0  # lifetime of a browser sign-in cookie
+    cookie_secure: bool = False  # mark the cookie Secure even when the request came over http
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    """Limits of one user; 0 turns a limit off (see app/limits.py)."""
+
+    streams_per_minute: float = 20.0  # token bucket refill rate for run starts
+    stream_burst: int = 10  # token bucket size
+    concurrent_runs: int = 3  # live runs at once
+    max_tokens: int = 4096  # options.max_tokens above this is clamped (and the clamp reported)
+    max_message_chars: int = 32_000  # length of one user message
+    max_conversations: int = 1000  # stored conversations
+    tokens_per_day: int = 1_000_000  # prompt + completion tokens per UTC day
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """Global limits, per-user defaults, and per-user overrides by user name."""
+
+    max_body_bytes: int = 1024 * 1024  # aiohttp client_max_size: larger bodies answer 413
+    ws_max_message_bytes: int = 64 * 1024  # larger WebSocket messages close with 1009
+    defaults: UserLimits = field(default_factory=UserLimits)
+    users: Mapping[str, UserLimits] = field(default_factory=dict)
+
+    def for_user(self, user_id: str) -> UserLimits:
+        """The limits that apply to a user."""
+        return self.users.get(user_id, self.defaults)
 
 
 @dataclass(frozen=True)
@@ -86,10 +128,13 @@ class Settings:
     port: int = 8080
     db: str = "./streamchat.db"
     log_level: str = "INFO"
+    db_busy_timeout: float = 5.0  # seconds SQLite waits on a locked database
     default_provider: str = "local"
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     local: LocalSettings = field(default_factory=LocalSettings)
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
 
 # Built-in provider presets; the config file may override any field or add providers.
@@ -198,6 +243,55 @@ def _provider(name: str, data: Mapping[str, Any], env: Mapping[str, str]) -> Pro
     return ProviderSettings(**kwargs)
 
 
+def _auth(data: Mapping[str, Any], env: Mapping[str, str]) -> AuthSettings:
+    data = dict(data)
+    if env.get("STREAMCHAT_AUTH_MODE"):
+        data["mode"] = env["STREAMCHAT_AUTH_MODE"]
+    auth = AuthSettings(**_section(AuthSettings, data, "auth"))
+    if auth.mode not in ("none", "api_key"):
+        raise SettingsError("auth.mode must be 'none' or 'api_key'")
+    if auth.session_days <= 0:
+        raise SettingsError("auth.session_days must be positive")
+    for key in ("origins", "cors_origins"):
+        for origin in getattr(auth, key):
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise SettingsError(
+                    f"auth.{key}: {origin!r} is not an origin like https://chat.example.com"
+                )
+    return auth
+
+
+def _limits(data: Mapping[str, Any]) -> LimitsSettings:
+    user_fields = {f.name for f in dataclasses.fields(UserLimits)}
+    glob = {k: v for k, v in data.items() if k not in user_fields and k != "users"}
+    if "defaults" in glob:  # per-user defaults are written flat in [limits]
+        raise SettingsError("unknown setting(s) in [limits]: defaults")
+    defaults = UserLimits(
+        **_section(UserLimits, {k: v for k, v in data.items() if k in user_fields}, "limits")
+    )
+    users: dict[str, UserLimits] = {}
+    for name, udata in dict(data.get("users", {})).items():
+        if not isinstance(udata, dict):
+            raise SettingsError(f"limits.users.{name} must be a table")
+        users[name] = dataclasses.replace(
+            defaults, **_section(UserLimits, udata, f"limits.users.{name}")
+        )
+    limits = LimitsSettings(
+        **_section(LimitsSettings, glob, "limits"), defaults=defaults, users=users
+    )
+    for where, values in (
+        ("limits", defaults),
+        *((f"limits.users.{n}", u) for n, u in users.items()),
+    ):
+        for f in dataclasses.fields(UserLimits):
+            if getattr(values, f.name) < 0:
+                raise SettingsError(f"{where}.{f.name} must not be negative (0 turns it off)")
+    if limits.max_body_bytes < 1024 or limits.ws_max_message_bytes < 1024:
+        raise SettingsError("limits.max_body_bytes and limits.ws_max_message_bytes must be >= 1024")
+    return limits
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the server's command line flags."""
     parser = argparse.ArgumentParser(prog="run.py", description="streamchat server")
@@ -274,6 +368,8 @@ def load_settings(
             retries=0,
         )
     kwargs["providers"] = providers
+    kwargs["auth"] = _auth(data.get("auth", {}), env)
+    kwargs["limits"] = _limits(data.get("limits", {}))
     settings = Settings(**kwargs)
     if settings.default_provider not in providers:
         raise SettingsError(f"default_provider {settings.default_provider!r} is not configured")

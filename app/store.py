@@ -53,6 +53,38 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX messages_client_id ON messages (conversation_id, client_message_id)
         WHERE client_message_id IS NOT NULL;
     """,
+    # 2: users, API keys (sha256 only), browser sessions, daily token usage.
+    # users.id is the user's name: conversations.user_id holds it, limits are set by it.
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        last_used_at REAL,
+        revoked_at REAL
+    );
+    CREATE INDEX api_keys_user ON api_keys (user_id);
+    CREATE TABLE sessions (
+        token_hash TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX sessions_key ON sessions (key_id);
+    CREATE TABLE usage_daily (
+        user_id TEXT NOT NULL,
+        day TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (user_id, day)
+    );
+    """,
 ]
 
 CONVERSATION_COLUMNS = "id, title, provider, model, system_prompt, created_at, updated_at"
@@ -338,14 +370,154 @@ class Store:
             row = await cur.fetchone()
         return str(next(iter(row.values())))  # type: ignore[union-attr]
 
+    # -- users, API keys, sessions, usage (app/auth.py, app/cli.py, app/limits.py) -------
+    # Single statements then commit, never a rollback: the connection is shared, and a
+    # rollback here could undo another coroutine's uncommitted statements.
+
+    async def create_user(self, user_id: str) -> bool:
+        """Add a user; False when the name is taken."""
+        cur = await self.db.execute(
+            "INSERT INTO users (id, created_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+            (user_id, time.time()),
+        )
+        await self.db.commit()
+        return cur.rowcount > 0
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        """Every user with how many active keys it has."""
+        async with self.db.execute(
+            "SELECT u.id, u.created_at, COUNT(k.id) AS active_keys FROM users u"
+            " LEFT JOIN api_keys k ON k.user_id = u.id AND k.revoked_at IS NULL"
+            " GROUP BY u.id ORDER BY u.id"
+        ) as cur:
+            return list(await cur.fetchall())  # type: ignore[arg-type]
+
+    async def create_api_key(
+        self, user_id: str, key_hash: str, prefix: str, label: str = ""
+    ) -> dict[str, Any] | None:
+        """Store a new key's hash for an existing user; None when the user does not exist."""
+        kid = new_id()
+        cur = await self.db.execute(
+            "INSERT INTO api_keys (id, user_id, key_hash, prefix, label, created_at)"
+            " SELECT ?, id, ?, ?, ?, ? FROM users WHERE id = ?",
+            (kid, key_hash, prefix, label, time.time(), user_id),
+        )
+        await self.db.commit()
+        if cur.rowcount == 0:
+            return None
+        keys = [k for k in await self.list_api_keys(user_id) if k["id"] == kid]
+        return keys[0]
+
+    async def list_api_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Keys (never their hashes), of one user or of all, oldest first."""
+        where, params = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+        async with self.db.execute(
+            "SELECT id, user_id, prefix, label, created_at, last_used_at, revoked_at"
+            f" FROM api_keys {where} ORDER BY created_at, rowid",
+            params,
+        ) as cur:
+            return list(await cur.fetchall())  # type: ignore[arg-type]
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke a key and end the browser sessions signed in with it; False if unknown."""
+        cur = await self.db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+            (time.time(), key_id),
+        )
+        await self.db.execute("DELETE FROM sessions WHERE key_id = ?", (key_id,))
+        await self.db.commit()
+        return cur.rowcount > 0
+
+    async def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
+        """The active key with this hash: {key_id, user_id}, or None."""
+        async with self.db.execute(
+            "SELECT id AS key_id, user_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            (key_hash,),
+        ) as cur:
+            return await cur.fetchone()  # type: ignore[return-value]
+
+    async def api_key_active(self, key_id: str) -> bool:
+        """Whether a key exists and is not revoked."""
+        async with self.db.execute(
+            "SELECT 1 AS ok FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+        ) as cur:
+            return await cur.fetchone() is not None
+
+    async def touch_api_key(self, key_id: str) -> None:
+        """Record that a key was just used."""
+        await self.db.execute(
+            "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (time.time(), key_id)
+        )
+        await self.db.commit()
+
+    async def create_session(self, token_hash: str, key_id: str, expires_at: float) -> None:
+        """Store a browser session (by its token's hash) and drop expired ones."""
+        now = time.time()
+        await self.db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+        await self.db.execute(
+            "INSERT INTO sessions (token_hash, key_id, created_at, expires_at) VALUES (?, ?, ?, ?)",
+            (token_hash, key_id, now, expires_at),
+        )
+        await self.db.commit()
+
+    async def find_session(self, token_hash: str) -> dict[str, Any] | None:
+        """The unexpired session of an active key: {key_id, user_id}, or None."""
+        async with self.db.execute(
+            "SELECT s.key_id, k.user_id FROM sessions s JOIN api_keys k ON k.id = s.key_id"
+            " WHERE s.token_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
+            (token_hash, time.time()),
+        ) as cur:
+            return await cur.fetchone()  # type: ignore[return-value]
+
+    async def delete_session(self, token_hash: str) -> None:
+        """End a browser session."""
+        await self.db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+        await self.db.commit()
+
+    async def usage_for_day(self, day: str) -> dict[str, int]:
+        """Tokens each user has used on a UTC day (YYYY-MM-DD)."""
+        async with self.db.execute(
+            "SELECT user_id, tokens FROM usage_daily WHERE day = ?", (day,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return {r["user_id"]: int(r["tokens"]) for r in rows}  # type: ignore[call-overload, index]
+
+    async def add_usage(self, user_id: str, day: str, tokens: int) -> None:
+        """Add a finished run's tokens to the user's day (one write per run, not per token)."""
+        await self.db.execute(
+            "INSERT INTO usage_daily (user_id, day, tokens) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, day) DO UPDATE SET tokens = tokens + excluded.tokens",
+            (user_id, day, tokens),
+        )
+        await self.db.commit()
+
 
 @asynccontextmanager
-async def open_store(path: str) -> AsyncIterator[Store]:
-    """Open the database in WAL mode, migrate it, recover crashed runs, and close it at exit."""
+async def open_admin_store(path: str) -> AsyncIterator[Store]:
+    """Open the database for the admin CLI: migrate, but leave live answers alone.
+
+    The server may be running on the same file, so this must not mark its
+    streaming messages interrupted as open_store's crash recovery does.
+    """
     db = await aiosqlite.connect(path)
     try:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA busy_timeout = 5000")
+        await db.execute("PRAGMA foreign_keys = ON")
+        store = Store(db)
+        await store.migrate()
+        yield store
+    finally:
+        await db.close()
+
+
+@asynccontextmanager
+async def open_store(path: str, busy_timeout: float = 5.0) -> AsyncIterator[Store]:
+    """Open the database in WAL mode, migrate it, recover crashed runs, and close it at exit."""
+    db = await aiosqlite.connect(path)
+    try:
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         await db.execute("PRAGMA foreign_keys = ON")
         await db.execute("PRAGMA synchronous = NORMAL")
         store = Store(db)

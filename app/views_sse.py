@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from app.service import ChatService
 from app.validate import check_id, json_body, parse_regenerate, parse_send
 from app.views_api import load_conversation, streaming_enabled
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -37,18 +39,27 @@ def _after(request: web.Request) -> int:
 async def _respond(
     request: web.Request, batches: AsyncIterator[list[tuple[int, str]]]
 ) -> EventSourceResponse:
+    settings = request.app[SETTINGS].streaming
     resp = EventSourceResponse(
         allow_all_methods=True,
         sep="\n",
-        ping_interval=request.app[SETTINGS].streaming.heartbeat,
+        ping_interval=settings.heartbeat,
+        # a write blocked this long aborts the connection (aiohttp-sse does the abort)
+        send_timeout=settings.send_timeout,
     )
     await resp.prepare(request)
     try:
         async for batch in batches:
+            if len(batch) > settings.subscriber_lag_limit:
+                # too far behind: drop it; it can resume from its Last-Event-ID
+                log.info("dropping SSE client %d events behind", len(batch))
+                if request.transport is not None:
+                    request.transport.abort()
+                break
             for seq, data in batch:
                 await resp.send(data, id=str(seq))
     except (ConnectionResetError, TimeoutError):
-        pass  # the client went away; the run goes on without it
+        pass  # the client went away (or stalled and was cut); the run goes on without it
     finally:
         resp.stop_streaming()
     return resp
@@ -93,6 +104,19 @@ async def regenerate_stream(request: web.Request) -> web.StreamResponse:
     req = parse_regenerate(body)
     service = request.app[SERVICE]
     run, _ = await service.start(user_id(request), conv, req)
+    return await _respond(request, _follow(service, run, 0))
+
+
+@routes.post("/api/v1/conversations/{cid}/messages/{mid}/continue")
+async def continue_stream(request: web.Request) -> web.StreamResponse:
+    """Continue an interrupted, stopped or failed answer; streams only the new text."""
+    streaming_enabled(request)
+    conv = await load_conversation(request)
+    mid = check_id(request.match_info["mid"], "message")
+    body = await json_body(request) if request.can_read_body else {}
+    req = parse_regenerate(body)
+    service = request.app[SERVICE]
+    run = await service.continue_answer(user_id(request), conv, mid, req)
     return await _respond(request, _follow(service, run, 0))
 
 

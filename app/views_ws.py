@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from typing import Any
 
 import orjson
@@ -12,7 +13,7 @@ from aiohttp import WSMsgType, web
 from app.auth import user_id
 from app.errors import ApiError
 from app.events import encode, replay_finished
-from app.keys import SERVICE, SETTINGS, STORE
+from app.keys import SERVICE, SETTINGS, SOCKETS, STORE
 from app.runs import Run
 from app.validate import ID_RE, parse_regenerate, parse_send
 
@@ -31,6 +32,22 @@ class Socket:
         self.app = request.app
         self.user = user_id(request)
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        settings = request.app[SETTINGS].streaming
+        self.send_timeout = settings.send_timeout
+        self.lag_limit = settings.subscriber_lag_limit
+        request.app[SOCKETS].add(self)
+
+    async def flush(self, limit: float) -> None:
+        """Wait (at most `limit` s) until every followed run has been forwarded to its end."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=limit)
+
+    def abort(self, reason: str) -> None:
+        """Drop a client that cannot keep up; it may reconnect and resume from its last seq."""
+        log.info("dropping websocket client: %s", reason)
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
     async def error(self, code: str, message: str, **extra: Any) -> None:
         """Send an error event that is about a client message, not a run."""
@@ -53,8 +70,14 @@ class Socket:
         run.subscribe("ws")
         try:
             async for batch in run.follow(after):
+                if len(batch) > self.lag_limit:
+                    self.abort(f"{len(batch)} events behind run {run.message_id}")
+                    return
                 for _, data in batch:
-                    await self.ws.send_str(data)
+                    async with asyncio.timeout(self.send_timeout):
+                        await self.ws.send_str(data)
+        except TimeoutError:
+            self.abort(f"a write blocked for more than {self.send_timeout:g} s")
         except (ConnectionResetError, RuntimeError):
             pass  # socket closed under us
         finally:
@@ -86,11 +109,21 @@ class Socket:
                 await self.op_resume(msg)
             elif op == "regenerate":
                 await self.op_regenerate(msg)
+            elif op == "continue":
+                await self.op_continue(msg)
             else:
                 await self.error("bad_request", f"Unknown op {op!r}.", **echo)
         except ApiError as exc:
             extra = {k: v for k, v in exc.extra.items()}
             await self.error(exc.code, exc.message, status=exc.status, **extra, **echo)
+        except sqlite3.OperationalError as exc:
+            log.error("database error on websocket op %r: %s", op, exc)
+            await self.error("storage_busy", "The database is busy; try again shortly.", **echo)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("websocket op %r failed", op)
+            await self.error("internal", "Internal server error.", **echo)
 
     async def _conversation(self, cid: Any) -> dict[str, Any]:
         if not isinstance(cid, str) or not ID_RE.match(cid):
@@ -120,6 +153,18 @@ class Socket:
         req = parse_regenerate(fields)
         conv = await self._conversation(msg.get("conversation_id"))
         run, _ = await self.app[SERVICE].start(self.user, conv, req)
+        self.follow(run, 0)
+
+    async def op_continue(self, msg: dict[str, Any]) -> None:
+        """Continue an interrupted, stopped or failed answer in place."""
+        mid = self._message_id(msg)
+        fields = {k: v for k, v in msg.items() if k not in ("op", "message_id", "conversation_id")}
+        req = parse_regenerate(fields)
+        message = await self.app[STORE].get_user_message(self.user, mid)
+        if message is None:
+            raise ApiError(404, "not_found", "No such message.")
+        conv = await self._conversation(message["conversation_id"])
+        run = await self.app[SERVICE].continue_answer(self.user, conv, mid, req)
         self.follow(run, 0)
 
     async def _owned_run(self, mid: str) -> Run | None:
