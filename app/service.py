@@ -13,6 +13,8 @@ from typing import Any
 
 from app.driver import Target, drive
 from app.errors import ApiError
+from app.limits import UNLIMITED, Limiter
+from app.metrics import Metrics
 from app.runs import Run
 from app.settings import ProviderSettings, StreamingSettings
 from app.store import Store, new_id
@@ -48,8 +50,14 @@ class ChatService:
         provider_settings: Mapping[str, ProviderSettings],
         settings: StreamingSettings,
         default_provider: str,
+        limiter: Limiter | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()  # Prometheus hooks (app/metrics.py)
+        # per-user limits (app/limits.py); without one, nothing is limited
+        self.limiter = limiter or Limiter(UNLIMITED)
         self.providers = providers
         self.provider_settings = provider_settings
         self.settings = settings
@@ -191,7 +199,9 @@ class ChatService:
             req.model or (conversation.get("model") if not req.provider else None),
         )
         self._reserve(cid)
+        ticket = None
         try:
+            ticket = self.limiter.admit(user_id, req.content, req.options)  # before any write
             history = await self.store.list_messages(cid)
             if req.content is None:
                 # regenerate: drop the answers after the last user message, answer it again
@@ -224,9 +234,11 @@ class ChatService:
                 provider=name,
                 model=model,
             )
-            self._launch(run, self._chain(name, model), messages, req.options, req.request_id)
+            chain = ticket.guard(run, self._chain(name, model))
+            self._launch(run, chain, messages, ticket.options, req.request_id)
         finally:
             self._reserved.discard(cid)
+            self.limiter.settle(ticket)
         return run, True
 
     async def continue_answer(
@@ -242,7 +254,9 @@ class ChatService:
             )
         cid = conversation["id"]
         self._reserve(cid)
+        ticket = None
         try:
+            ticket = self.limiter.admit(user_id, None, req.options)  # before any write
             history = await self.store.list_messages(cid)
             index = next((i for i, m in enumerate(history) if m["id"] == mid), None)
             if index is None or history[index]["role"] != "assistant":
@@ -263,7 +277,7 @@ class ChatService:
             )
             await self.store.reopen_message(mid, name, model)
             messages = self.build_prompt(conversation, history[:index])
-            options = dataclasses.replace(req.options, prefill=message["content"] or None)
+            options = dataclasses.replace(ticket.options, prefill=message["content"] or None)
             run = Run(
                 conversation_id=cid,
                 message_id=mid,
@@ -274,9 +288,11 @@ class ChatService:
                 prefix=message["content"],
                 prefix_reasoning=message["reasoning"],
             )
-            self._launch(run, self._chain(name, model), messages, options, req.request_id, True)
+            chain = ticket.guard(run, self._chain(name, model))
+            self._launch(run, chain, messages, options, req.request_id, True)
         finally:
             self._reserved.discard(cid)
+            self.limiter.settle(ticket)
         return run
 
     def start_ephemeral(
@@ -293,6 +309,7 @@ class ChatService:
                 503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
             )
         name, model = self.resolve(provider, model)
+        ticket = self.limiter.admit(user_id, None, options)
         run = Run(
             conversation_id="",
             message_id=new_id(),
@@ -302,7 +319,9 @@ class ChatService:
             model=model,
             persist=False,
         )
-        self._launch(run, self._chain(name, model), messages, options, None)
+        self._launch(
+            run, ticket.guard(run, self._chain(name, model)), messages, ticket.options, None
+        )
         return run
 
     def _reserve(self, cid: str) -> None:
@@ -347,6 +366,7 @@ class ChatService:
         run.task = asyncio.create_task(
             self._run(run, chain, messages, options), name=f"run-{run.message_id}"
         )
+        self.metrics.run_started(run)
         log.info(
             "run start message=%s conversation=%s provider=%s model=%s",
             run.message_id,
@@ -368,9 +388,12 @@ class ChatService:
             self.settings.status_interval, self._waiting_status, run
         )
         try:
-            await drive(run, chain, messages, options)
+            await drive(
+                run, chain, messages, options, self.metrics.gap_observer(run.provider, run.model)
+            )
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_requested else "interrupted"
+            self.metrics.upstream_closed(run.message_id)  # drive() closed the upstream stream
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
@@ -384,7 +407,13 @@ class ChatService:
             error = ProviderError("internal", "Something went wrong while answering.")
         finally:
             waiting.cancel()
-        await self._finish(run, status, error)
+        # The stream is over: a cancel landing now (HTTP, WS, a disconnect, shutdown) must
+        # not interrupt the final save, or the run never ends and cancel()/drain() hang.
+        finishing = asyncio.ensure_future(self._finish(run, status, error))
+        while not finishing.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(finishing)
+        finishing.result()
 
     def _waiting_status(self, run: Run) -> None:
         if run.done or run.first_token_at is not None:
@@ -420,6 +449,8 @@ class ChatService:
             if run.persist:
                 await self.store.finish_message(
                     run.message_id,
+                    provider=run.provider,
+                    model=run.model,
                     content=content,
                     reasoning=reasoning,
                     status=status,
@@ -437,6 +468,8 @@ class ChatService:
             status = "failed"
             error = ProviderError("internal", "The answer could not be saved.")
         run.final_status = status
+        self.limiter.finished(run)
+        self.metrics.run_finished(run, status, ttft_ms)
         metrics = {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s, "duration_ms": duration_ms}
         if error is None:
             run.publish(
@@ -467,9 +500,10 @@ class ChatService:
         run.mark_finished()
         asyncio.get_running_loop().call_later(RETAIN_FINISHED, self._forget, run)
         log.info(
-            "run end message=%s provider=%s model=%s status=%s ttft_ms=%s tokens=%s"
-            " duration_ms=%.0f",
+            "run end message=%s conversation=%s provider=%s model=%s status=%s ttft_ms=%s"
+            " tokens=%s duration_ms=%.0f",
             run.message_id,
+            run.conversation_id,
             run.provider,
             run.model,
             status,
@@ -486,6 +520,7 @@ class ChatService:
         """Stop a run: abort the upstream request and save the partial text as cancelled."""
         if not run.done and run.task is not None:
             run.cancel_requested = True
+            self.metrics.cancel_requested(run.message_id)
             run.task.cancel()
         await run.wait_finished()
 
@@ -494,6 +529,7 @@ class ChatService:
         remaining = run.unsubscribe(transport)
         if remaining == 0 and not run.done and self.settings.on_disconnect == "cancel":
             run.cancel_requested = True
+            self.metrics.cancel_requested(run.message_id)
             if run.task is not None:
                 run.task.cancel()
 
@@ -519,12 +555,15 @@ class ChatService:
             if not batch:
                 continue
             rows = [(r.text(), r.reasoning_text(), r.message_id) for r, _ in batch]
+            t0 = time.monotonic()
             try:
                 await self.store.flush_contents(rows)
             except Exception:
                 self.flush_failures += 1
+                self.metrics.flush_failures.inc()
                 log.exception("flush of %d live answer(s) failed; will retry", len(rows))
                 continue
             self.flush_count += 1
+            self.metrics.flush_seconds.observe(time.monotonic() - t0)
             for r, seq in batch:
                 r.flushed_seq = seq

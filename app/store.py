@@ -329,12 +329,16 @@ class Store:
         ttft_ms: float | None = None,
         tokens_per_s: float | None = None,
         duration_ms: float | None = None,
+        provider: str | None = None,
+        model: str | None = None,
     ) -> None:
-        """Write an assistant message's final state."""
+        """Write an assistant message's final state (provider/model: who really answered)."""
         await self.db.execute(
             "UPDATE messages SET content = ?, reasoning = ?, status = ?, finish_reason = ?,"
             " prompt_tokens = ?, completion_tokens = ?, error_code = ?, error_message = ?,"
-            " ttft_ms = ?, tokens_per_s = ?, duration_ms = ?, updated_at = ? WHERE id = ?",
+            " ttft_ms = ?, tokens_per_s = ?, duration_ms = ?,"
+            " provider = COALESCE(?, provider), model = COALESCE(?, model), updated_at = ?"
+            " WHERE id = ?",
             (
                 content,
                 reasoning,
@@ -347,6 +351,8 @@ class Store:
                 ttft_ms,
                 tokens_per_s,
                 duration_ms,
+                provider,
+                model,
                 time.time(),
                 mid,
             ),
@@ -429,9 +435,10 @@ class Store:
         return cur.rowcount > 0
 
     async def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
-        """The active key with this hash: {key_id, user_id}, or None."""
+        """The active key with this hash: {key_id, user_id, last_used_at}, or None."""
         async with self.db.execute(
-            "SELECT id AS key_id, user_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+            "SELECT id AS key_id, user_id, last_used_at FROM api_keys"
+            " WHERE key_hash = ? AND revoked_at IS NULL",
             (key_hash,),
         ) as cur:
             return await cur.fetchone()  # type: ignore[return-value]

@@ -1,21 +1,98 @@
-"""Mapping upstream failures to our stable error codes, shared by every adapter."""
+"""The one error table: upstream failures -> stable codes and messages, for every adapter.
+
+Adapters only say what happened (an HTTP status with the upstream's error text and type,
+a typed in-stream error, a dropped connection, a refusal); this module decides the code,
+whether a retry may help, and the sentence the person in the page reads. Keys are scrubbed
+from anything quoted from upstream.
+"""
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
 from collections.abc import Mapping
 
 from providers.base import ProviderError
 
+# What the user reads, per code. {provider} and {model} are always known; {detail} is the
+# upstream's own (scrubbed, shortened) wording where it helps the user fix the request.
+MESSAGES: dict[str, str] = {
+    "auth": "{provider} rejected the API key. Check the key configured for it.",
+    "not_found": "{provider} does not know the model '{model}'. Pick another model.",
+    "rate_limited": "{provider} is rate limiting requests.{wait}",
+    "quota_exceeded": "The {provider} account has run out of quota or credit. "
+    "Check its plan and billing.",
+    "bad_request": "{provider} rejected the request: {detail}",
+    "context_length": "The conversation is too long for {model}. "
+    "Start a new conversation or delete some messages.",
+    "content_filtered": "{provider} declined to answer under its content policy.",
+    "overloaded": "{provider} is overloaded right now. Try again shortly.",
+    "upstream_unavailable": "{provider} is having trouble (HTTP {status}). Try again.",
+    "timeout": "{provider} did not answer in time.",
+    "internal": "{provider} answered with something unexpected (HTTP {status}).",
+}
+DROPPED_BEFORE = "Could not reach {provider}."
+DROPPED_DURING = "The connection to {provider} broke off in the middle of the answer."
+FILTERED_PROMPT = "{provider} blocked this prompt under its content policy."
+# An error reported inside a 200 stream has no HTTP status to quote.
+IN_STREAM = "{provider} reported an error while answering. Try again."
+
+# Upstream error "types"/"codes"/"statuses" that name the cause outright (Anthropic error
+# types, OpenAI error codes, Google RPC statuses). Checked before the HTTP status.
+_TYPES: dict[str, str] = {
+    "authentication_error": "auth",
+    "permission_error": "auth",
+    "invalid_api_key": "auth",
+    "api_key_invalid": "auth",
+    "unauthenticated": "auth",
+    "permission_denied": "auth",
+    "not_found_error": "not_found",
+    "model_not_found": "not_found",
+    "rate_limit_error": "rate_limited",
+    "rate_limit_exceeded": "rate_limited",
+    "insufficient_quota": "quota_exceeded",
+    "billing_error": "quota_exceeded",
+    "billing_not_active": "quota_exceeded",
+    "overloaded_error": "overloaded",
+    "api_error": "upstream_unavailable",
+    "server_error": "upstream_unavailable",
+    "timeout_error": "timeout",
+    "context_length_exceeded": "context_length",
+    "exceed_context_size_error": "context_length",
+    "content_filter": "content_filtered",
+    "content_policy_violation": "content_filtered",
+}
+
+# Substrings of an upstream error text that override a generic 400/429/503.
+_CONTEXT_HINTS = (
+    "context length",
+    "context_length",
+    "context size",
+    "context window",
+    "maximum context",
+    "prompt is too long",
+    "input token count",
+)
+_QUOTA_HINTS = ("quota", "billing", "credit balance", "insufficient balance", "spend limit")
+_FILTER_HINTS = ("content_filter", "content management policy", "content policy", "safety")
+_AUTH_HINTS = ("api key not valid", "api_key_invalid", "invalid api key", "invalid x-api-key")
+
+_DETAIL_LIMIT = 300
+
 _KEY_PATTERNS = [
-    re.compile(r"(key=)[^&\s\"']+", re.IGNORECASE),
+    re.compile(r"([?&]key=)[^&\s\"']+", re.IGNORECASE),
     re.compile(r"(Bearer\s+)[A-Za-z0-9._\-]+", re.IGNORECASE),
-    re.compile(r"(x-goog-api-key[\"']?\s*[:=]\s*[\"']?)[^\s\"'&]+", re.IGNORECASE),
+    re.compile(
+        r"((?:x-goog-api-key|x-api-key|api[_-]?key)[\"']?\s*[:=]\s*[\"']?)[^\s\"'&,}]+", re.I
+    ),
+    re.compile(r"()\bsk-[A-Za-z0-9_\-]{8,}"),  # OpenAI, Anthropic, DeepSeek key shapes
+    re.compile(r"()\bAIza[0-9A-Za-z_\-]{20,}"),  # Google API keys
 ]
 
 
 def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove API keys from a message: known secrets verbatim, and key-shaped URL params."""
+    """Remove API keys from a message: known secrets verbatim, and key-shaped strings."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -25,7 +102,7 @@ def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds from a Retry-After (or retry-after-ms) header, if present and numeric."""
+    """Seconds from retry-after-ms or Retry-After (seconds or an HTTP date), if given."""
     if not headers:
         return None
     ms = headers.get("retry-after-ms")
@@ -35,23 +112,97 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
         except ValueError:
             pass
     value = headers.get("retry-after")
-    if value:
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return None
-    return None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
-_CONTEXT_HINTS = (
-    "context length",
-    "context_length",
-    "context size",
-    "maximum context",
-    "too many tokens",
-    "prompt is too long",
-)
-_QUOTA_HINTS = ("quota", "insufficient_quota", "billing", "credit")
+def _format(code: str, provider: str, model: str, *, status: int = 0, detail: str = "") -> str:
+    return MESSAGES[code].format(
+        provider=provider, model=model, status=status or "?", detail=detail, wait=""
+    )
+
+
+def make(
+    code: str,
+    *,
+    provider: str,
+    model: str,
+    status: int = 0,
+    detail: str = "",
+    retry_after: float | None = None,
+) -> ProviderError:
+    """A ProviderError with the table's message for `code`."""
+    if code == "rate_limited":
+        wait = (
+            f" Try again in {retry_after:g} s."
+            if retry_after is not None
+            else " Try again shortly."
+        )
+        message = MESSAGES[code].format(provider=provider, wait=wait)
+        return ProviderError(code, message, retry_after=retry_after)
+    if code in ("upstream_unavailable", "internal") and not status:
+        return ProviderError(code, IN_STREAM.format(provider=provider))
+    if code == "bad_request" and not detail:
+        detail = f"HTTP {status}" if status else "no reason given"
+    return ProviderError(code, _format(code, provider, model, status=status, detail=detail))
+
+
+def classify(
+    status: int, detail: str, error_type: str = "", retry_after: float | None = None
+) -> str:
+    """The code for an upstream failure: its type if telling, else its status and wording.
+
+    `status` is 0 for an error that arrived inside a 200 stream.
+    """
+    low = f"{detail} {error_type}".lower()
+    etype = error_type.lower()
+    if any(h in low for h in _AUTH_HINTS):
+        return "auth"
+    by_type = _TYPES.get(etype)
+    if by_type == "rate_limited" and any(h in low for h in _QUOTA_HINTS) and retry_after is None:
+        return "quota_exceeded"
+    if by_type == "upstream_unavailable" and "overloaded" in low:
+        return "overloaded"
+    if by_type is not None:
+        return by_type
+    if status in (0, 400, 413, 422) and any(h in low for h in _CONTEXT_HINTS):
+        return "context_length"
+    if status in (401, 403):
+        return "auth"
+    if status == 402:
+        return "quota_exceeded"
+    if status == 404:
+        return "not_found"
+    if status == 429 or "resource_exhausted" in etype:
+        # A 429 that speaks of quota or billing and gives no time to wait is not a
+        # rate limit that will lift in seconds: retrying would only burn time.
+        if any(h in low for h in _QUOTA_HINTS) and retry_after is None:
+            return "quota_exceeded"
+        return "rate_limited"
+    if status == 529 or "overloaded" in low:
+        return "overloaded"
+    if status in (408, 504) or etype == "deadline_exceeded":
+        return "timeout"
+    if status >= 500:
+        return "upstream_unavailable"
+    if status in (0, 400, 413, 422):
+        if any(h in low for h in _FILTER_HINTS):
+            return "content_filtered"
+        if any(h in low for h in _QUOTA_HINTS):
+            return "quota_exceeded"
+        if status == 0:
+            return "upstream_unavailable"  # an unexplained error inside the stream
+        return "bad_request"
+    return "internal"
 
 
 def from_status(
@@ -62,59 +213,36 @@ def from_status(
     model: str,
     headers: Mapping[str, str] | None = None,
     error_type: str | None = None,
+    retry_after: float | None = None,
+    secrets: tuple[str, ...] = (),
 ) -> ProviderError:
-    """Map an upstream HTTP status (and its error text) to a ProviderError."""
-    low = (detail or "").lower() + " " + (error_type or "").lower()
-    if any(h in low for h in _CONTEXT_HINTS):
-        return ProviderError(
-            "context_length",
-            "The conversation is too long for this model. Start a new conversation or shorten it.",
-        )
-    if status in (401, 403):
-        return ProviderError(
-            "auth", f"{provider} rejected the API key. Check the key configured for it."
-        )
-    if status == 404:
-        return ProviderError(
-            "not_found", f"{provider} does not know the model {model!r}. Pick another model."
-        )
-    if status == 429:
-        if any(h in low for h in _QUOTA_HINTS) or ("resource_exhausted" in low and "quota" in low):
-            return ProviderError(
-                "quota_exceeded",
-                f"The {provider} account has run out of quota. Check its plan and billing.",
-            )
-        after = retry_after_seconds(headers)
-        wait = f" Try again in {after:g} s." if after is not None else " Try again shortly."
-        return ProviderError(
-            "rate_limited", f"{provider} is rate limiting requests.{wait}", retry_after=after
-        )
-    if status == 529 or "overloaded" in low:
-        return ProviderError(
-            "overloaded", f"{provider} is overloaded right now. Try again shortly."
-        )
-    if status in (408, 504):
-        return ProviderError("timeout", f"{provider} timed out.")
-    if status >= 500:
-        return ProviderError(
-            "upstream_unavailable", f"{provider} is having trouble (HTTP {status}). Try again."
-        )
-    if status in (400, 413, 422):
-        if "safety" in low or "content_filter" in low or "content management policy" in low:
-            return ProviderError(
-                "content_filtered", f"{provider} declined this request under its content policy."
-            )
-        return ProviderError("bad_request", f"{provider} rejected the request: {detail[:300]}")
-    return ProviderError("internal", f"{provider} answered with unexpected HTTP {status}.")
-
-
-def connection_failed(provider: str) -> ProviderError:
-    """The upstream could not be reached or dropped the connection."""
-    return ProviderError(
-        "upstream_unavailable", f"Could not reach {provider}, or it dropped the connection."
+    """Map an upstream HTTP status (0: an in-stream error) with its error text and type."""
+    detail = scrub(" ".join((detail or "").split()), secrets)[:_DETAIL_LIMIT]
+    if retry_after is None:
+        retry_after = retry_after_seconds(headers)
+    code = classify(status, detail, error_type or "", retry_after)
+    return make(
+        code, provider=provider, model=model, status=status, detail=detail, retry_after=retry_after
     )
+
+
+def connection_failed(provider: str, *, mid_stream: bool = False) -> ProviderError:
+    """The upstream could not be reached, or dropped the connection."""
+    template = DROPPED_DURING if mid_stream else DROPPED_BEFORE
+    return ProviderError("upstream_unavailable", template.format(provider=provider))
 
 
 def timed_out(provider: str) -> ProviderError:
     """The SDK's own network timeout fired (connect or read)."""
-    return ProviderError("timeout", f"{provider} did not answer in time.")
+    return make("timeout", provider=provider, model="")
+
+
+def content_filtered(provider: str, *, prompt: bool = False) -> ProviderError:
+    """The upstream blocked the prompt, or stopped the answer, under its content policy."""
+    template = FILTERED_PROMPT if prompt else MESSAGES["content_filtered"]
+    return ProviderError("content_filtered", template.format(provider=provider))
+
+
+def unexpected(provider: str) -> ProviderError:
+    """A failure none of the above explains (a bug or an SDK surprise)."""
+    return ProviderError("internal", f"Unexpected failure talking to {provider}.")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from app.settings import LocalSettings, ProviderSettings
-from providers.base import ChatMessage, GenerateOptions, ProviderError, StreamEvent
+from providers.base import ChatMessage, GenerateOptions, ProviderError
 from providers.openai_compat import OpenAICompatProvider
 
 log = logging.getLogger(__name__)
@@ -84,29 +85,30 @@ class LocalProvider(OpenAICompatProvider):
         super().__init__(settings, base_url=address + "/v1")
         self.local = local
 
-    async def stream(
+    def build_request(
         self, messages: Sequence[ChatMessage], model: str, options: GenerateOptions
-    ) -> AsyncIterator[StreamEvent]:
-        """Stream from llama.cpp with the local default answer length."""
-        if options.max_tokens is None:
-            options = GenerateOptions(
-                temperature=options.temperature,
-                max_tokens=self.local.max_tokens,
-                top_p=options.top_p,
-                stop=options.stop,
-                seed=options.seed,
-                prefill=options.prefill,
-            )
-        async for event in super().stream(messages, model, options):
-            yield event
+    ) -> dict[str, Any]:
+        """The OpenAI request, with the local default answer length when none is given.
 
-    def map_error(self, exc: Exception, model: str) -> ProviderError:
-        """llama.cpp answers 400 'exceeds the available context size' for a full window."""
-        err = super().map_error(exc, model)
-        if err.code == "bad_request" and "context" in str(exc).lower():
+        A continue is a true prefill: llama.cpp carries on a trailing assistant message
+        (its prefill_assistant setting) and streams only the new text.
+        """
+        prefill = options.prefill
+        if prefill:
+            options = dataclasses.replace(options, prefill=None)
+        body = super().build_request(messages, model, options)
+        if prefill:
+            body["messages"].append({"role": "assistant", "content": prefill})
+        body.setdefault("max_tokens", self.local.max_tokens)
+        return body
+
+    def map_error(self, exc: Exception, model: str, *, mid_stream: bool = False) -> ProviderError:
+        """llama.cpp answers 400 exceed_context_size_error for a full window; say how to fix it."""
+        err = super().map_error(exc, model, mid_stream=mid_stream)
+        if err.code == "context_length":
             return ProviderError(
                 "context_length",
                 "The conversation is too long for the local model's context window. "
-                "Start a new conversation or raise local.n_ctx.",
+                "Start a new conversation, delete some messages, or raise local.n_ctx.",
             )
         return err

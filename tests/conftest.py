@@ -54,7 +54,13 @@ def fake() -> ScriptedProvider:
 def make_app(db_path: str, fake: ScriptedProvider) -> Callable[..., web.Application]:
     """Build an app on the temp DB with the fake provider (and any other providers)."""
 
-    def factory(providers: dict[str, Any] | None = None, **overrides: Any) -> web.Application:
+    def factory(
+        providers: dict[str, Any] | None = None,
+        provider_settings: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> web.Application:
+        if provider_settings:
+            overrides["providers"] = provider_settings
         settings = make_settings(db_path, **overrides)
         return create_app(settings, providers={"fake": fake, **(providers or {})})
 

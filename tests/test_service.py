@@ -257,3 +257,39 @@ async def test_regenerate_replaces_the_last_answer(
         ("assistant", "second"),
     ]
     assert [m.content for m in fake.calls[-1].messages] == ["q"]
+
+
+async def test_fallback_is_announced_and_recorded(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    from app.settings import ProviderSettings
+
+    backup = ScriptedProvider(name="backup", models=("b-1",))
+    providers = {
+        "fake": ProviderSettings(
+            name="fake",
+            kind="fake",
+            models=("fake-1",),
+            default_model="fake-1",
+            retries=0,
+            fallback=("backup",),
+        ),
+        "backup": ProviderSettings(
+            name="backup", kind="fake", models=("b-1",), default_model="b-1", retries=0
+        ),
+    }
+    client = await aiohttp_client(
+        make_app(providers={"backup": backup}, provider_settings=providers)
+    )
+    fake.enqueue([("error", ProviderError("upstream_unavailable", "down"))])
+    backup.enqueue(words("from backup"))
+    cid = await new_conversation(client)
+    events = await read_events(
+        await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    )
+    status = [e for e in events if e["type"] == "status"]
+    assert status and status[0]["state"] == "fallback"
+    assert (status[0]["from"], status[0]["to"]) == ("fake", "backup")
+    assert text_of(events) == "from backup"
+    msg = (await (await client.get(f"/api/v1/conversations/{cid}")).json())["messages"][1]
+    assert (msg["provider"], msg["model"], msg["status"]) == ("backup", "b-1", "complete")

@@ -146,8 +146,8 @@ class SlowUpstream:
         log = StreamLog(sid, tokens, time.monotonic())
         self.logs.setdefault(sid, []).append(log)
         self.active += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         try:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             await resp.write(_frame(sid, model, {"role": "assistant", "content": ""}))
             loop = asyncio.get_running_loop()
@@ -164,7 +164,10 @@ class SlowUpstream:
             await resp.write_eof()
             log.completed = True
             return resp
-        except (asyncio.CancelledError, ConnectionResetError):
+        except ConnectionResetError:
+            log.disconnected = True  # the write noticed first: nothing more to send
+            return resp
+        except asyncio.CancelledError:
             log.disconnected = True
             raise
         finally:
