@@ -180,14 +180,16 @@ class Store:
     async def update_conversation(
         self, user_id: str, cid: str, fields: Mapping[str, Any]
     ) -> dict[str, Any] | None:
-        """Change some of a conversation's fields; None when it does not exist."""
+        """Change some of a conversation's fields; None when it does not exist.
+
+        updated_at is the last activity (a message), so renaming does not reorder the list.
+        """
         cols = [k for k in fields if k in UPDATABLE_CONVERSATION_FIELDS]
         if cols:
             assignments = ", ".join(f"{c} = ?" for c in cols)
             cur = await self.db.execute(
-                f"UPDATE conversations SET {assignments}, updated_at = ?"
-                " WHERE id = ? AND user_id = ?",
-                (*(fields[c] for c in cols), time.time(), cid, user_id),
+                f"UPDATE conversations SET {assignments} WHERE id = ? AND user_id = ?",
+                (*(fields[c] for c in cols), cid, user_id),
             )
             await self.db.commit()
             if cur.rowcount == 0:

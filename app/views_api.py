@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -50,9 +51,15 @@ async def load_conversation(request: web.Request) -> dict[str, Any]:
 
 @routes.get("/api/v1/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers and the database is reachable."""
+    """Liveness: the process answers and the database is reachable; live runs and tasks."""
     await request.app[STORE].count_conversations("-")
-    return web.json_response({"status": "ok"})
+    return web.json_response(
+        {
+            "status": "ok",
+            "live_runs": len(request.app[SERVICE].live_by_conversation),
+            "tasks": len(asyncio.all_tasks()),
+        }
+    )
 
 
 @routes.get("/api/v1/providers")
@@ -83,7 +90,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     if "provider" in fields:
         fields["provider"], model = service.resolve(fields["provider"], fields.get("model"))
         fields["model"] = model
-    conv = await request.app[STORE].create_conversation(user_id(request), **fields)
+    async with service.limiter.new_conversation(user_id(request)):  # 403 at the cap
+        conv = await request.app[STORE].create_conversation(user_id(request), **fields)
     return web.json_response(conv, status=201)
 
 
@@ -108,8 +116,16 @@ async def get_conversation(request: web.Request) -> web.Response:
     """A conversation with its messages and its live run, if any."""
     conv = await load_conversation(request)
     service = request.app[SERVICE]
-    messages = await request.app[STORE].list_messages(conv["id"])
+    store = request.app[STORE]
+    messages = await store.list_messages(conv["id"])
     live = service.live_run(conv["id"])
+    for m in messages:
+        run = service.get_run(m["id"]) if m["status"] == "streaming" else None
+        if run is not None and run.finished_at is not None:
+            # it finished while we read: its final state is saved by now, read it again
+            messages = await store.list_messages(conv["id"])
+            live = service.live_run(conv["id"])
+            break
     out = []
     for m in messages:
         pm = public_message(m)

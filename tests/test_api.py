@@ -22,7 +22,7 @@ async def test_conversation_crud_and_pagination(client: TestClient[Any, Any]) ->
     resp = await client.patch(f"/api/v1/conversations/{ids[0]}", json={"title": "renamed"})
     assert resp.status == 200 and (await resp.json())["title"] == "renamed"
     first = await (await client.get("/api/v1/conversations?limit=1")).json()
-    assert first["conversations"][0]["id"] == ids[0]  # updated moves it to the top
+    assert first["conversations"][0]["id"] == ids[-1]  # renaming does not reorder
     assert (await client.delete(f"/api/v1/conversations/{ids[0]}")).status == 204
     assert (await client.get(f"/api/v1/conversations/{ids[0]}")).status == 404
 
