@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -25,7 +26,11 @@ log = logging.getLogger(__name__)
 TITLE_LENGTH = 60
 CONTINUABLE = ("interrupted", "cancelled", "failed")
 # Finished runs stay in memory this long so a reconnecting client resumes exactly.
-RETAIN_FINISHED = 120.0
+# Finished runs stay in memory (exact resume for clients that were attached) this long,
+# and at most this many: past that a resume replays the saved message (events.replay_finished).
+# Bounded by count too, or a busy server's memory would track its run rate.
+RETAIN_FINISHED = 60.0
+MAX_RETAINED = 256
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class ChatService:
         self.default_provider = default_provider
         self.live_by_conversation: dict[str, Run] = {}
         self.runs: dict[str, Run] = {}  # live and recently finished, by message id
+        self._retained: collections.OrderedDict[str, Run] = collections.OrderedDict()
         self._reserved: set[str] = set()
         self._live_event = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -498,6 +504,9 @@ class ChatService:
         if self.live_by_conversation.get(run.conversation_id) is run:
             del self.live_by_conversation[run.conversation_id]
         run.mark_finished()
+        self._retained[run.message_id] = run
+        while len(self._retained) > MAX_RETAINED:
+            self._forget(self._retained.popitem(last=False)[1])
         asyncio.get_running_loop().call_later(RETAIN_FINISHED, self._forget, run)
         log.info(
             "run end message=%s conversation=%s provider=%s model=%s status=%s ttft_ms=%s"
@@ -515,6 +524,8 @@ class ChatService:
     def _forget(self, run: Run) -> None:
         if self.runs.get(run.message_id) is run:
             del self.runs[run.message_id]
+        if self._retained.get(run.message_id) is run:
+            del self._retained[run.message_id]
 
     async def cancel(self, run: Run) -> None:
         """Stop a run: abort the upstream request and save the partial text as cancelled."""

@@ -81,7 +81,13 @@ class ServerProcess:
     """One streamchat server process on a fixed port and database, restartable."""
 
     def __init__(
-        self, workdir: Path, config: str, *, log_level: str = "INFO", port: int | None = None
+        self,
+        workdir: Path,
+        config: str,
+        *,
+        log_level: str = "INFO",
+        port: int | None = None,
+        entry: str = "run.py",
     ) -> None:
         self.workdir = workdir
         self.config_path = workdir / "streamchat.toml"
@@ -90,6 +96,7 @@ class ServerProcess:
         self.log_path = workdir / "server.log"
         self.port = port or free_port()
         self.log_level = log_level
+        self.entry = entry  # the script to run (relative to the repo root)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -106,6 +113,11 @@ class ServerProcess:
 
     async def start(self) -> None:
         """Start the process and wait until /api/v1/healthz answers 200."""
+        self.spawn()
+        await self.wait_healthy()
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         with open(self.log_path, "ab") as log:
@@ -114,7 +126,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [
                     str(PYTHON),
-                    "run.py",
+                    self.entry,
                     "--config",
                     str(self.config_path),
                     "--port",
@@ -128,13 +140,12 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
             )
-        await self.wait_healthy()
 
-    async def wait_healthy(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+    async def wait_healthy(self, within: float = START_TIMEOUT) -> dict[str, Any]:
         """Poll healthz until it answers 200; fail with the log tail if the process dies."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         async with aiohttp.ClientSession() as session:
             while True:
                 if self.proc is None or self.proc.poll() is not None:
@@ -149,7 +160,7 @@ class ServerProcess:
                 except (aiohttp.ClientError, TimeoutError):
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not healthy after {timeout} s:\n{self.log_tail()}")
+                    raise RuntimeError(f"server not healthy after {within} s:\n{self.log_tail()}")
                 await asyncio.sleep(0.05)
 
     def kill(self) -> float:
@@ -160,7 +171,7 @@ class ServerProcess:
         self.proc.wait(10)
         return at
 
-    async def terminate(self, timeout: float = 30.0) -> int:
+    async def terminate(self, timeout: float = 30.0) -> int:  # noqa: ASYNC109
         """SIGTERM the process and return its exit code (SIGKILL after timeout)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)

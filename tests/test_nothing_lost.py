@@ -119,7 +119,7 @@ async def test_slow_reader_does_not_hold_back_a_fast_one(
     slow.connect(("127.0.0.1", client.port))
     req = json.dumps({"content": "q"}).encode()
     slow.sendall(
-        f"POST /api/v1/conversations/{cid}/stream HTTP/1.1\r\nHost: x\r\n"
+        f"POST /api/v1/conversations/{cid}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(req)}\r\n\r\n".encode()
         + req
     )
@@ -251,3 +251,34 @@ async def test_locked_database_at_send_is_503_and_stores_nothing(
         blocker.close()
     assert (await _conv(client, cid))["messages"] == []
     assert client.app[SERVICE].live_run(cid) is None
+
+
+async def test_cancel_landing_during_the_final_save_does_not_hang_the_run(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider, db_path: str
+) -> None:
+    client = await aiohttp_client(make_app(db_busy_timeout=3.0))
+    fake.enqueue([("text", "all "), ("sleep", 0.2), ("text", "done"), ("finish", "stop")])
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "q"})
+    first = await read_events(resp, limit=2)
+    mid = first[0]["message_id"]
+    blocker = sqlite3.connect(db_path, timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")  # the final save will wait on this lock
+    try:
+        await asyncio.sleep(0.4)  # the stream is over; the run is saving
+        run = client.app[SERVICE].get_run(mid)
+        assert run is not None and not run.done
+        # the WebSocket cancel needs no database read, so it lands during the save
+        ws = await client.ws_connect("/ws")
+        await ws.send_json({"op": "cancel", "message_id": mid})
+        await asyncio.sleep(0.2)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    rest = await asyncio.wait_for(read_events(resp), 5)
+    assert rest[-1]["type"] == "end"
+    await asyncio.wait_for(run.wait_finished(), 5)
+    assert client.app[SERVICE].live_run(cid) is None
+    await ws.close()
+    msg = (await _conv(client, cid))["messages"][1]
+    assert msg["content"] == "all done" and msg["status"] == "complete"
