@@ -15,7 +15,7 @@ async def test_stream_roundtrip(client: TestClient[Any, Any]) -> None:
     assert resp.headers["Content-Type"] == "text/event-stream"
     body = await resp.text()
     events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
-    assert [e["type"] for e in events][0] == "start"
+    assert events[0]["type"] == "start"
     assert events[-1]["type"] == "end"
     text = "".join(e["content"] for e in events if e["type"] == "chunk")
     assert text == "You said: hi"
