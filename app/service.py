@@ -505,9 +505,7 @@ class ChatService:
             del self.live_by_conversation[run.conversation_id]
         run.mark_finished()
         self._retained[run.message_id] = run
-        while len(self._retained) > MAX_RETAINED:
-            self._forget(self._retained.popitem(last=False)[1])
-        asyncio.get_running_loop().call_later(RETAIN_FINISHED, self._forget, run)
+        self._evict_finished()
         log.info(
             "run end message=%s conversation=%s provider=%s model=%s status=%s ttft_ms=%s"
             " tokens=%s duration_ms=%.0f",
@@ -521,11 +519,16 @@ class ChatService:
             duration_ms,
         )
 
-    def _forget(self, run: Run) -> None:
-        if self.runs.get(run.message_id) is run:
-            del self.runs[run.message_id]
-        if self._retained.get(run.message_id) is run:
-            del self._retained[run.message_id]
+    def _evict_finished(self) -> None:
+        # Oldest first; no timers, which would keep every run of the window alive.
+        horizon = time.monotonic() - RETAIN_FINISHED
+        while self._retained:
+            mid, oldest = next(iter(self._retained.items()))
+            if len(self._retained) <= MAX_RETAINED and (oldest.finished_at or 0) > horizon:
+                break
+            del self._retained[mid]
+            if self.runs.get(mid) is oldest:
+                del self.runs[mid]
 
     async def cancel(self, run: Run) -> None:
         """Stop a run: abort the upstream request and save the partial text as cancelled."""
