@@ -7,22 +7,29 @@ import sys
 
 from aiohttp import web
 
+from app import cli
+from app.auth import insecure_bind_reason
+from app.logging_setup import configure_logging
 from app.main import create_app
 from app.settings import SettingsError, load_settings, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Start streamchat; returns the process exit code."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Start streamchat (or run an admin command); returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if cli.is_admin_command(argv):  # run.py user create NAME, run.py key create USER, ...
+        return cli.main(argv)
+    args = parse_args(argv)
     try:
         settings = load_settings(cli=vars(args))
     except SettingsError as exc:
         print(f"streamchat: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    refusal = insecure_bind_reason(settings)
+    if refusal:
+        print(f"streamchat: {refusal}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
     # the SDKs' HTTP client logs every request at INFO; that is noise here
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from app.metrics import Metrics
 from app.service import ChatService
 from app.settings import Settings
 from app.store import Store
@@ -19,6 +20,7 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 PROVIDERS = web.AppKey("providers", dict[str, Provider])
 SERVICE = web.AppKey("service", ChatService)
+METRICS = web.AppKey("metrics", Metrics)  # the app's own Prometheus registry and hooks
 # Open WebSocket connections, so shutdown can deliver final events and close them with 1001
 SOCKETS: web.AppKey[weakref.WeakSet[Socket]] = web.AppKey("sockets")
 # Providers injected by the embedding code (tests: scripted fakes), merged over configured ones

@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from app import lifecycle, views_api, views_sse, views_ws
+from app import auth, lifecycle, openapi, views_api, views_openai, views_sse, views_ws
 from app.errors import error_middleware
-from app.keys import EXTRA_PROVIDERS, PROVIDERS, SERVICE, SETTINGS, STORE
-from app.security import security_headers
+from app.keys import EXTRA_PROVIDERS, METRICS, PROVIDERS, SERVICE, SETTINGS, STORE
+from app.limits import Limiter
+from app.logging_setup import request_id_header, request_id_middleware
+from app.metrics import Metrics, metrics_handler
+from app.security import cors_preflight, security_headers
 from app.service import ChatService
 from app.settings import Settings
 from app.store import open_store
@@ -37,19 +40,25 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    limiter = Limiter(settings.limits, app[STORE])
+    await limiter.load()
     service = ChatService(
         app[STORE],
         app[PROVIDERS],
         settings.providers,
         settings.streaming,
         settings.default_provider,
+        limiter,
+        metrics=app[METRICS],
     )
+    app[METRICS].watch(service.runs)
     service.start_background()
     app[SERVICE] = service
     yield
     # Shutdown order: runs end (saving their state) before providers and the DB close,
     # which cleanup_ctx guarantees by unwinding in reverse order.
     await service.close()
+    await limiter.close()  # the last runs' token usage is written before the store closes
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -73,11 +82,22 @@ def create_app(
 ) -> web.Application:
     """Build the application. `providers` adds pre-built providers (e.g. scripted fakes)."""
     app = web.Application(
-        middlewares=[error_middleware],
-        client_max_size=1024 * 1024,
+        # Middleware order (first = outermost): errors become JSON whatever raised them;
+        # CORS preflights are answered before auth (browsers send them without
+        # credentials); auth (and its CSRF/Origin checks) runs last, right before views.
+        # request ids first, so every log line of the request (errors too) carries one.
+        middlewares=[
+            request_id_middleware,
+            error_middleware,
+            cors_preflight,
+            auth.auth_middleware,
+        ],
+        client_max_size=settings.limits.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()  # per app, not the global registry: tests build many apps
     app.on_response_prepare.append(security_headers)
+    app.on_response_prepare.append(request_id_header)
     if providers:
         app[EXTRA_PROVIDERS] = providers
     # cleanup_ctx order matters: the service needs the store and the providers.
@@ -91,6 +111,11 @@ def create_app(
     app.router.add_routes(views_api.routes)
     app.router.add_routes(views_sse.routes)
     app.router.add_routes(views_ws.routes)
+    app.router.add_routes(views_openai.routes)
+    app.router.add_routes(auth.routes)
+    app.router.add_routes(openapi.routes)
+    if settings.metrics.enabled:
+        app.router.add_get("/metrics", metrics_handler(app[METRICS], settings))
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR, name="static")
     return app

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from app.errors import Handler
+from app.keys import SETTINGS
+
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
@@ -19,3 +22,36 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     h.setdefault("Referrer-Policy", "no-referrer")
     h.setdefault("X-Frame-Options", "DENY")
     h["Server"] = "streamchat"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin in request.app[SETTINGS].auth.cors_origins:
+        h["Access-Control-Allow-Origin"] = origin
+        h["Access-Control-Expose-Headers"] = CORS_EXPOSE
+    if request.app[SETTINGS].auth.cors_origins:
+        h.add("Vary", "Origin")
+
+
+# CORS is off unless auth.cors_origins lists origins. It is for Bearer clients (a web app
+# elsewhere holding its own key): credentials are never allowed cross-origin, so the
+# session cookie (SameSite=Strict anyway) is not usable from another origin.
+CORS_METHODS = "GET, POST, PATCH, DELETE"
+CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Conversation-Id"
+CORS_EXPOSE = "Retry-After, X-Conversation-Id, X-Message-Id"
+
+
+@web.middleware
+async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer CORS preflights from allowed origins (204) before auth; others go on (405)."""
+    if (
+        request.method == "OPTIONS"
+        and "Access-Control-Request-Method" in request.headers
+        and request.headers.get("Origin") in request.app[SETTINGS].auth.cors_origins
+    ):
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Methods": CORS_METHODS,
+                "Access-Control-Allow-Headers": CORS_HEADERS,
+                "Access-Control-Max-Age": "600",
+            },
+        )
+    return await handler(request)

@@ -121,6 +121,15 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """The Prometheus endpoint /metrics (see app/metrics.py)."""
+
+    enabled: bool = True  # false: no /metrics route at all
+    token_env: str = ""  # env var with a bearer token that /metrics then requires
+    token: Secret | None = None  # read from token_env only, never from the file
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the app factory needs."""
 
@@ -135,6 +144,8 @@ class Settings:
     providers: Mapping[str, ProviderSettings] = field(default_factory=dict)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    log_format: str = "text"  # or "json": one JSON object per log line
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # Built-in provider presets; the config file may override any field or add providers.
@@ -248,6 +259,12 @@ def _auth(data: Mapping[str, Any], env: Mapping[str, str]) -> AuthSettings:
     if env.get("STREAMCHAT_AUTH_MODE"):
         data["mode"] = env["STREAMCHAT_AUTH_MODE"]
     auth = AuthSettings(**_section(AuthSettings, data, "auth"))
+    # browsers send scheme and host in lower case
+    auth = dataclasses.replace(
+        auth,
+        origins=tuple(o.lower() for o in auth.origins),
+        cors_origins=tuple(o.lower() for o in auth.cors_origins),
+    )
     if auth.mode not in ("none", "api_key"):
         raise SettingsError("auth.mode must be 'none' or 'api_key'")
     if auth.session_days <= 0:
@@ -292,6 +309,18 @@ def _limits(data: Mapping[str, Any]) -> LimitsSettings:
     return limits
 
 
+def _metrics(data: Mapping[str, Any], env: Mapping[str, str]) -> MetricsSettings:
+    if "token" in data:
+        raise SettingsError("metrics: put the token in an env var and name it with token_env")
+    metrics = MetricsSettings(**_section(MetricsSettings, data, "metrics"))
+    if metrics.token_env:
+        if not env.get(metrics.token_env):
+            # fail closed: a protected endpoint must not open up because a variable is unset
+            raise SettingsError(f"metrics.token_env names {metrics.token_env}, which is not set")
+        metrics = dataclasses.replace(metrics, token=Secret(env[metrics.token_env]))
+    return metrics
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse the server's command line flags."""
     parser = argparse.ArgumentParser(prog="run.py", description="streamchat server")
@@ -328,6 +357,7 @@ def load_settings(
         ("port", "STREAMCHAT_PORT"),
         ("db", "STREAMCHAT_DB"),
         ("log_level", "STREAMCHAT_LOG_LEVEL"),
+        ("log_format", "STREAMCHAT_LOG_FORMAT"),
         ("default_provider", "STREAMCHAT_DEFAULT_PROVIDER"),
     ):
         if env.get(env_name):
@@ -370,6 +400,9 @@ def load_settings(
     kwargs["providers"] = providers
     kwargs["auth"] = _auth(data.get("auth", {}), env)
     kwargs["limits"] = _limits(data.get("limits", {}))
+    kwargs["metrics"] = _metrics(data.get("metrics", {}), env)
+    if kwargs.get("log_format", "text") not in ("text", "json"):
+        raise SettingsError("log_format must be 'text' or 'json'")
     settings = Settings(**kwargs)
     if settings.default_provider not in providers:
         raise SettingsError(f"default_provider {settings.default_provider!r} is not configured")

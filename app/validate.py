@@ -16,6 +16,7 @@ ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_CONTENT = 100_000
 MAX_TITLE = 200
 MAX_SYSTEM = 20_000
+MAX_KEY = 200  # API keys are 46 characters; anything longer is not one
 
 
 def check_id(value: str, what: str = "conversation") -> str:
@@ -179,3 +180,11 @@ def parse_page(request: web.Request) -> tuple[int, int]:
             )
         out.append(value)
     return out[0], out[1]
+
+
+def parse_session(body: Mapping[str, Any]) -> str:
+    """Validate a sign-in body `{"key": "<API key>"}`; return the key."""
+    _unknown(body, {"key"})
+    key = _str(body, "key", required=True, max_len=MAX_KEY, allow_empty=False)
+    assert key is not None
+    return key

@@ -8,19 +8,18 @@ import sqlite3
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
-from app.auth import user_id
+from app.auth import check_ws_origin, still_authorized, user_id
 from app.errors import ApiError
 from app.events import encode, replay_finished
-from app.keys import SERVICE, SETTINGS, SOCKETS, STORE
+from app.keys import METRICS, SERVICE, SETTINGS, SOCKETS, STORE
 from app.runs import Run
 from app.validate import ID_RE, parse_regenerate, parse_send
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
-MAX_MESSAGE = 64 * 1024
 
 
 class Socket:
@@ -96,6 +95,9 @@ class Socket:
             await self.error("bad_request", "The message must be a JSON object.")
             return
         op = msg.get("op")
+        if op != "ping" and not await still_authorized(self.request):
+            await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"API key revoked")
+            return
         request_id = msg.get("request_id")
         echo = {"request_id": request_id} if isinstance(request_id, str) else {}
         try:
@@ -189,6 +191,7 @@ class Socket:
             raise ApiError(
                 400, "bad_request", "'after' must be a non-negative integer.", field="after"
             )
+        self.app[METRICS].resumes.labels("ws").inc()
         run = await self._owned_run(mid)
         if run is not None:
             self.follow(run, after)
@@ -211,7 +214,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     """The WebSocket endpoint."""
     if not request.app[SETTINGS].streaming.enabled:
         raise ApiError(503, "streaming_disabled", "Streaming is turned off on this server.")
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_MESSAGE)
+    check_ws_origin(request)  # 403 before the upgrade: a cross-site page must not connect
+    # aiohttp closes with 1009 (message too big) on a larger message
+    max_size = request.app[SETTINGS].limits.ws_max_message_bytes
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_size)
     await ws.prepare(request)
     sock = Socket(request, ws)
     try:

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 
@@ -57,6 +58,20 @@ def _error_fields(body: object) -> tuple[str, str]:
     return "", ""
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a timeout error really is one.
+
+    The SDK's aiohttp transport maps every aiohttp connection error, a refused or dropped
+    connection included, to ConnectTimeout; the aiohttp error underneath tells them apart.
+    """
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError):
+            return isinstance(cause, aiohttp.ServerTimeoutError)
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
 class OpenAICompatProvider:
     """Streams chat.completions; closing the stream closes the upstream HTTP response."""
 
@@ -72,10 +87,11 @@ class OpenAICompatProvider:
             # first-token/idle/total timeouts itself; SDK retries would hide them.
             max_retries=0,
             timeout=sdk_timeout(settings),
-            # The SDK's default pool stops at 1,000 connections: stream 1,001 would wait for
-            # one and time out. Runs already bound concurrency, so the pool does not.
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=100)
+            # The SDK's aiohttp backend: httpcore's pool rescans every connection on each
+            # request and response (quadratic at thousands of streams) and its default stops
+            # at 1,000. limit 0 = unbounded: runs already bound concurrency.
+            http_client=openai.DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=0, max_keepalive_connections=100)
             ),
         )
         self.info = ProviderInfo(
@@ -131,7 +147,7 @@ class OpenAICompatProvider:
                 error_type=etype,
                 secrets=self._secrets,
             )
-        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException) and _timed_out(exc):
             return timed_out(self.name)
         if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
             return connection_failed(self.name, mid_stream=mid_stream)

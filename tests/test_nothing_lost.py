@@ -111,7 +111,8 @@ async def test_slow_reader_does_not_hold_back_a_fast_one(
         make_app(streaming={"send_timeout": 0.5, "subscriber_lag_limit": 10_000})
     )
     big = "x" * 2000
-    fake.enqueue([("text", big) for _ in range(600)] + [("finish", "stop")])  # ~1.2 MB
+    # ~1.2 MB; the first sleep keeps the run live until the test has found it
+    fake.enqueue([("sleep", 0.3)] + [("text", big) for _ in range(600)] + [("finish", "stop")])
     cid = await new_conversation(client)
     # the slow reader: a raw socket with a tiny receive buffer that never reads
     slow = socket.socket()

@@ -1,0 +1,95 @@
+"""Logging: text or JSON lines, and a request id on every line logged while serving a request.
+
+The id lives in a ContextVar set by `request_id_middleware`. asyncio copies the context
+into tasks created during the request, so a run started by a request logs with that
+request's id to its end, even after the client has gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import TextIO
+
+import orjson
+from aiohttp import web
+
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+# ...and on the request, for on_response_prepare (which may run after the middleware)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+HEADER = "X-Request-ID"
+# A client-supplied id is kept (so a proxy's id follows the request) only when it is tame.
+_CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request id on every record as `request_id`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Annotate; never drops a record."""
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, request_id, message (and exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as compact JSON."""
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> logging.Handler:
+    """Configure the root logger (UTC times, stderr) as text or JSON; called once by run.py."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler
+
+
+def new_request_id() -> str:
+    """A short random id."""
+    return uuid.uuid4().hex[:16]
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind the request's id (the client's X-Request-ID if tame, else a new one)."""
+    given = request.headers.get(HEADER, "")
+    rid = given if _CLIENT_ID_RE.match(given) else new_request_id()
+    request[REQUEST_ID_KEY] = rid
+    token = REQUEST_ID.set(rid)
+    try:
+        return await handler(request)
+    finally:
+        REQUEST_ID.reset(token)
+
+
+async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: echo the id, so a user can quote it in a bug report."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is not None:
+        response.headers[HEADER] = rid

@@ -1,0 +1,259 @@
+"""Processes under test: started pinned to cores, with raised fd limits, sampled from /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO
+
+import aiohttp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def raise_fd_limit(want: int) -> int:
+    """Raise RLIMIT_NOFILE (soft, and hard when allowed) towards `want`; return the soft limit.
+
+    Children inherit it, so call this before starting the server and the upstream.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, PermissionError):
+            want = hard
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    return soft
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin(cpus: Sequence[int], pid: int = 0) -> None:
+    """Restrict a process (0: this one) to `cpus`, ignoring cores that do not exist."""
+    available = os.sched_getaffinity(0) if pid == 0 else set(range(os.cpu_count() or 1))
+    wanted = {c for c in cpus if c in available} or available
+    os.sched_setaffinity(pid, wanted)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # after the ")" of comm: field 3 is index 0, so utime (14) and stime (15) are 11 and 12
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process in KiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+class Proc:
+    """A child process pinned to some cores, its stderr kept in a log file."""
+
+    def __init__(self, name: str, args: Sequence[str], cpus: Sequence[int], log_dir: str) -> None:
+        self.name = name
+        self.args = list(args)
+        self.cpus = list(cpus)
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        assert self.popen is not None
+        return self.popen.pid
+
+    def start(self) -> None:
+        """Start the child; pinned before it runs any of its own code."""
+        cpus = self.cpus
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            preexec_fn=(lambda: pin(cpus)) if cpus else None,
+        )
+
+    def read_line(self, prefix: bytes, timeout: float = 30.0) -> str:
+        """Block until the child prints a stdout line starting with `prefix`; return it."""
+        assert self.popen is not None and self.popen.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.popen.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.name} exited early; see {self.log_path}")
+            if line.startswith(prefix):
+                return line.decode().strip()
+        raise RuntimeError(f"{self.name} did not print {prefix!r} in {timeout:g} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop (SIGINT), then kill it if it lingers."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(2)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        if self.popen is not None and self.popen.stdout is not None:
+            self.popen.stdout.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[Proc, int]:
+    """Start the fake upstream; return it and its port."""
+    proc = Proc(
+        "upstream",
+        [sys.executable, "-m", "bench.upstream", "--port", "0", "--batch", str(batch)],
+        cpus,
+        log_dir,
+    )
+    proc.start()
+    port = int(proc.read_line(b"port ").split()[1])
+    return proc, port
+
+
+def server_config(path: str, port: int, upstream_port: int, db: str, **streaming: float) -> None:
+    """Write a TOML config: one OpenAI-compatible provider at the fake upstream, no local."""
+    lines = [
+        'host = "127.0.0.1"',
+        f"port = {port}",
+        f'db = "{db}"',
+        'log_level = "INFO"',
+        'default_provider = "upstream"',
+        "presets = false",
+        "[local]",
+        "enabled = false",
+        "[streaming]",
+        *(f"{k} = {v}" for k, v in streaming.items()),
+        # one bench user opens thousands of streams: per-user limits off (0)
+        "[limits]",
+        "streams_per_minute = 0",
+        "stream_burst = 0",
+        "concurrent_runs = 0",
+        "max_tokens = 0",
+        "max_message_chars = 0",
+        "max_conversations = 0",
+        "tokens_per_day = 0",
+        "[providers.upstream]",
+        'kind = "openai"',
+        f'base_url = "http://127.0.0.1:{upstream_port}/v1"',
+        'models = ["bench"]',
+        "retries = 0",
+        "first_token_timeout = 120.0",
+        "idle_timeout = 120.0",
+        "total_timeout = 900.0",
+    ]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+async def start_server(
+    config: str,
+    port: int,
+    cpus: Sequence[int],
+    log_dir: str,
+    wait: float = 60.0,
+    name: str = "server",
+) -> Proc:
+    """Start `python run.py --config <config>` and wait until /api/v1/healthz answers."""
+    proc = Proc(name, [sys.executable, "run.py", "--config", config], cpus, log_dir)
+    proc.start()
+    deadline = time.monotonic() + wait
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.popen is not None and proc.popen.poll() is not None:
+                raise RuntimeError(f"server exited early; see {proc.log_path}")
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/api/v1/healthz") as resp:
+                    if resp.status == 200:
+                        return proc
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.stop()
+    raise RuntimeError(f"server did not become healthy in {wait:g} s; see {proc.log_path}")
+
+
+def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes]:
+    """Start `py-spy record` on a process (collapsed stacks, native frames off)."""
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-o", out, "-f", "raw", "-r", "250", "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
+    """Stop py-spy (SIGINT makes it write its output)."""
+    proc.send_signal(2)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+class Sampler:
+    """Samples a process's RSS every `interval` seconds (peak kept) while a level runs."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_kb = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        while True:
+            self.peak_kb = max(self.peak_kb, rss_kb(self.pid))
+            await asyncio.sleep(self.interval)
+
+    def __enter__(self) -> Sampler:
+        self.cpu0 = cpu_seconds(self.pid)
+        self.rss0_kb = rss_kb(self.pid)
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.cpu = cpu_seconds(self.pid) - self.cpu0
+        self.peak_kb = max(self.peak_kb, rss_kb(self.pid))

@@ -1,0 +1,639 @@
+"""`python -m bench.run`: every level against the upstream directly and through streamchat.
+
+The server runs as a real process (`python run.py --config <tmp toml>`) pinned to one
+core; the fake upstream and this load generator share the other core. Results go to
+`<out>/bench.json` and `<out>/bench.md`; the markdown table is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from bench import loadgen, procs
+from bench.loadgen import StreamResult, percentile, summarize
+from bench.spec import StreamSpec
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each level is."""
+
+    ttft_n: int
+    tput_c: int
+    tput_n: int
+    paced_c: int
+    paced_n: int
+    scale_c: int
+    scale_tokens: int
+    cancel_n: int
+
+
+FULL = Sizes(300, 16, 1500, 100, 1000, 10_000, 60, 40)
+QUICK = Sizes(20, 8, 40, 20, 40, 200, 4, 5)
+
+TARGETS = {
+    "relay_tokens_per_s": ">= 15000",
+    "cpu_s_per_1m_tokens": "<= 65",
+    "ttft_added_1_stream_p50_ms": "<= 3",
+    "ttft_added_100_streams_p50_ms": "<= 20",
+    "ttft_added_100_streams_p99_ms": "<= 50",
+    "scale_errors": "== 0",
+    "rss_per_open_stream_kb": "<= 40",
+    "idle_rss_mb": "<= 80",
+    "cancel_http_p50_ms": "<= 5",
+    "cancel_http_max_ms": "<= 20",
+    "cancel_ws_p50_ms": "<= 5",
+    "cancel_ws_max_ms": "<= 20",
+}
+
+
+def _holds(value: float | None, rule: str) -> bool | None:
+    if value is None:
+        return None
+    op, bound = rule.split()
+    limit = float(bound)
+    return {">=": value >= limit, "<=": value <= limit, "==": value == limit}[op]
+
+
+class Bench:
+    """One benchmark run: the processes, the sessions and the results."""
+
+    def __init__(self, args: argparse.Namespace, tmp: str) -> None:
+        self.args = args
+        sizes = QUICK if args.quick else FULL
+        for item in args.size or ():
+            key, _, value = item.partition("=")
+            sizes = dataclasses.replace(sizes, **{key: int(value)})
+        self.sizes = sizes
+        self.tmp = tmp
+        self.server_cpus = [] if args.no_pin else [args.server_cpu]
+        self.client_cpus = [] if args.no_pin else [args.client_cpu]
+        self.results: dict[str, Any] = {}
+        self.counter = 0
+        self.level_name = ""
+        self.generation = 0  # server processes started after the first
+        self.sc: aiohttp.ClientSession  # to streamchat
+        self.dc: aiohttp.ClientSession  # to the upstream directly
+        self.server: procs.Proc
+        self.upstream: procs.Proc
+        self.settle = 0.1 if args.quick else 0.5  # seconds of quiet before each measurement
+
+    def spec(self, tokens: int, pace_ms: float = 0.0) -> StreamSpec:
+        """A fresh stream spec with a unique id."""
+        self.counter += 1
+        return StreamSpec(f"s{self.counter}", tokens, pace_ms)
+
+    async def conversations(self, n: int) -> list[str]:
+        """Create n conversations (setup, not measured)."""
+        out: list[str] = []
+
+        async def make(_: int) -> None:
+            async with self.sc.post(f"{self.base}/api/v1/conversations", json={}) as resp:
+                if resp.status != 201:
+                    raise RuntimeError(f"create conversation: {resp.status} {await resp.text()}")
+                out.append((await resp.json())["id"])
+
+        for start in range(0, n, 200):
+            await asyncio.gather(*(make(i) for i in range(start, min(n, start + 200))))
+        return out
+
+    async def both(
+        self,
+        name: str,
+        concurrency: int,
+        total: int,
+        tokens: int,
+        pace_ms: float,
+        time_limit: float,
+        max_starting: int | None = None,
+        ramp_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """Run one level directly against the upstream, then through streamchat."""
+        level: dict[str, Any] = {
+            "concurrency": concurrency,
+            "streams": total,
+            "tokens_per_stream": tokens,
+            "pace_ms": pace_ms,
+            "ramp_s": ramp_s,
+        }
+        for target in ("direct", "streamchat"):
+            level[target] = await self.one_target(
+                target, concurrency, total, tokens, pace_ms, time_limit, max_starting, ramp_s
+            )
+            print(f"  {name} {target}: {_brief(level[target])}", flush=True)
+        return level
+
+    async def one_target(
+        self,
+        target: str,
+        concurrency: int,
+        total: int,
+        tokens: int,
+        pace_ms: float,
+        time_limit: float,
+        max_starting: int | None,
+        ramp_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """Run `total` streams against one target, sampling the process that serves them."""
+        specs = [self.spec(tokens, pace_ms) for _ in range(total)]
+        open_now = 0
+        peak_open = 0
+        all_open_rss = 0
+        pid = self.server.pid if target == "streamchat" else self.upstream.pid
+
+        def streaming(_: StreamResult) -> None:
+            nonlocal open_now, peak_open, all_open_rss
+            open_now += 1
+            if open_now > peak_open:
+                peak_open = open_now
+                if peak_open == concurrency:
+                    all_open_rss = procs.rss_kb(pid)
+
+        if target == "streamchat":
+            cids = await self.conversations(total)
+
+            async def one(i: int, on_open: loadgen.OnToken) -> StreamResult:
+                nonlocal open_now
+                res = await loadgen.sse_stream(
+                    self.sc, self.base, cids[i], specs[i], on_first=streaming, on_open=on_open
+                )
+                if res.ttft is not None:
+                    open_now -= 1  # it counted as streaming from its first token to its end
+                return res
+
+        else:
+
+            async def one(i: int, on_open: loadgen.OnToken) -> StreamResult:
+                nonlocal open_now
+                res = await loadgen.direct_stream(
+                    self.dc, self.up_base, specs[i], on_first=streaming, on_open=on_open
+                )
+                if res.ttft is not None:
+                    open_now -= 1  # it counted as streaming from its first token to its end
+                return res
+
+        await asyncio.sleep(self.settle)  # let the previous level's connections settle
+        async with self.dc.post(f"{self.up_base}/_bench/reset") as resp:
+            resp.raise_for_status()
+        profiler = None
+        if self.args.profile and target == "streamchat" and self.level_name:
+            profiler = procs.start_profiler(
+                self.server.pid, os.path.join(self.args.profile, f"{self.level_name}.txt")
+            )
+        own0 = os.times()
+        try:
+            with (
+                procs.Sampler(self.server.pid) as srv,
+                procs.Sampler(self.upstream.pid) as ups,
+            ):
+                results, wall = await loadgen.run_streams(
+                    one, concurrency, total, time_limit, max_starting, ramp_s
+                )
+        finally:
+            if profiler is not None:
+                procs.stop_profiler(profiler)
+        own1 = os.times()
+        async with self.dc.get(f"{self.up_base}/_bench/stats") as resp:
+            up_stats = await resp.json()
+        out = summarize(results, wall, up_stats)
+        served = srv if target == "streamchat" else ups
+        out.update(
+            server_cpu_s=round(srv.cpu, 3),
+            server_cpu_util=round(srv.cpu / wall, 3) if wall else None,
+            upstream_cpu_util=round(ups.cpu / wall, 3) if wall else None,
+            loadgen_cpu_util=round(
+                ((own1.user - own0.user) + (own1.system - own0.system)) / wall, 3
+            )
+            if wall
+            else None,
+            rss_before_kb=served.rss0_kb,
+            rss_peak_kb=served.peak_kb,
+            peak_open=peak_open,
+        )
+        if all_open_rss:
+            out["rss_all_open_kb"] = all_open_rss
+        if out["tokens"]:
+            out["server_cpu_s_per_1m_tokens"] = round(srv.cpu / out["tokens"] * 1e6, 2)
+        return out
+
+    # -- levels --------------------------------------------------------------------
+
+    async def warmup(self) -> None:
+        """A few streams each way so imports and pools are warm before measuring."""
+        n = 4 if self.args.quick else 20
+        await self.one_target("direct", 4, n, 16, 0, 60, None)
+        await self.one_target("streamchat", 4, n, 16, 0, 60, None)
+
+    async def level_ttft(self) -> dict[str, Any]:
+        """TTFT added at one stream (fast upstream, short answers)."""
+        return await self.both("ttft_1_stream", 1, self.sizes.ttft_n, 16, 0, 300)
+
+    async def level_throughput(self) -> dict[str, Any]:
+        """Relayed tokens/s and server CPU per token with an unpaced upstream."""
+        s = self.sizes
+        return await self.both("throughput", s.tput_c, s.tput_n, 200, 0, 300)
+
+    async def level_paced(self) -> dict[str, Any]:
+        """TTFT at 100 streams with a 20 ms/token upstream (steady state: starts ramped)."""
+        s = self.sizes
+        return await self.both("paced_100", s.paced_c, s.paced_n, 50, 20, 300, ramp_s=1.0)
+
+    async def level_scale(self) -> dict[str, Any]:
+        """10,000 concurrent open streams at 1 token/s: errors and RSS per open stream."""
+        s = self.sizes
+        # a fresh process: earlier levels' answers (kept 120 s for resumes) would be freed
+        # during this level and hide the memory the open streams take
+        await self.fresh_server()
+        level = await self.both(
+            "scale",
+            s.scale_c,
+            s.scale_c,
+            s.scale_tokens,
+            1000,
+            s.scale_tokens + 240,
+            # at most this many connecting at once: aiohttp's accept backlog is 128
+            max_starting=100,
+        )
+        for target in ("direct", "streamchat"):
+            t = level[target]
+            if t.get("rss_all_open_kb"):
+                t["rss_per_open_stream_kb"] = round(
+                    (t["rss_all_open_kb"] - t["rss_before_kb"]) / s.scale_c, 2
+                )
+        return level
+
+    async def level_cancel(self) -> dict[str, Any]:
+        """Client cancel (HTTP, WebSocket; direct: closing the response) → upstream disconnect."""
+        n = self.sizes.cancel_n
+        out: dict[str, Any] = {"streams": n}
+        for mode in ("direct", "http", "ws"):
+            lat: list[float] = []
+            errors: list[str] = []
+            for _ in range(n):
+                spec = self.spec(2000, 10)
+                try:
+                    async with asyncio.timeout(30):
+                        t0 = await self.cancel_one(mode, spec)
+                        lat.append(await self.disconnect_time(spec.id) - t0)
+                except (TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:120])
+            out[mode] = {
+                "ok": len(lat),
+                "errors": errors[:5],
+                "p50_ms": _ms(percentile(lat, 50)),
+                "p90_ms": _ms(percentile(lat, 90)),
+                "max_ms": _ms(max(lat) if lat else None),
+            }
+            print(f"  cancel {mode}: {out[mode]}", flush=True)
+        return out
+
+    async def cancel_one(self, mode: str, spec: StreamSpec) -> float:
+        """Start a paced stream, read 3 tokens, cancel; return the cancel time."""
+        if mode == "direct":
+            async with self.dc.post(
+                f"{self.up_base}/v1/chat/completions",
+                json={
+                    "model": "bench",
+                    "messages": [{"role": "user", "content": spec.prompt()}],
+                    "stream": True,
+                },
+            ) as resp:
+                await _read_until(resp, b'"content":', 4)
+                t0 = time.monotonic()
+                resp.close()
+                return t0
+        (cid,) = await self.conversations(1)
+        if mode == "http":
+            async with self.sc.post(
+                f"{self.base}/api/v1/conversations/{cid}/stream", json={"content": spec.prompt()}
+            ) as resp:
+                head = await _read_until(resp, b'"type":"chunk"', 3)
+                mid = json.loads(head.split(b"data: ", 1)[1].split(b"\n", 1)[0])["message_id"]
+                t0 = time.monotonic()
+                async with self.sc.post(
+                    f"{self.base}/api/v1/conversations/{cid}/messages/{mid}/cancel"
+                ) as cresp:
+                    if cresp.status != 200:
+                        raise RuntimeError(f"cancel answered {cresp.status}")
+                return t0
+        async with self.sc.ws_connect(f"{self.base}/ws") as ws:
+            await ws.send_json({"op": "send", "conversation_id": cid, "content": spec.prompt()})
+            mid, chunks = None, 0
+            while chunks < 3:
+                ev = json.loads((await ws.receive()).data)
+                if ev["type"] == "start":
+                    mid = ev["message_id"]
+                elif ev["type"] == "chunk":
+                    chunks += 1
+                elif ev["type"] in ("end", "error"):
+                    raise RuntimeError(f"stream ended early: {ev}")
+            t0 = time.monotonic()
+            await ws.send_json({"op": "cancel", "message_id": mid})
+            while True:
+                ev = json.loads((await ws.receive()).data)
+                if ev["type"] in ("end", "error"):
+                    if ev.get("status") != "cancelled":
+                        raise RuntimeError(f"cancel ended {ev.get('status')}")
+                    return t0
+
+    async def disconnect_time(self, stream_id: str) -> float:
+        """When the upstream saw the client of `stream_id` go away (polls, bounded)."""
+        for _ in range(200):
+            async with self.dc.get(f"{self.up_base}/_bench/stats") as resp:
+                stats = await resp.json()
+            if stream_id in stats["disconnects"]:
+                return float(stats["disconnects"][stream_id])
+            await asyncio.sleep(0.01)
+        raise RuntimeError("upstream never saw the disconnect")
+
+    # -- the whole run -------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Start the processes, run the chosen levels, stop everything."""
+        args = self.args
+        self.fd_limit = procs.raise_fd_limit(65_536)
+        if self.client_cpus:
+            procs.pin(self.client_cpus)
+        self.upstream, up_port = procs.start_upstream(self.client_cpus, self.tmp)
+        self.up_base = f"http://127.0.0.1:{up_port}"
+        self.up_port = up_port
+        self.port = procs.free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.config = os.path.join(self.tmp, "bench.toml")
+        procs.server_config(self.config, self.port, up_port, os.path.join(self.tmp, "bench.db"))
+        try:
+            self.server = await procs.start_server(
+                self.config, self.port, self.server_cpus, self.tmp
+            )
+            try:
+                return await self._levels(args)
+            finally:
+                self.server.stop()
+        finally:
+            self.upstream.stop()
+            os.makedirs(args.out, exist_ok=True)
+            for name in os.listdir(self.tmp):  # keep the logs next to the results
+                if name.endswith(".log"):
+                    shutil.copy(os.path.join(self.tmp, name), args.out)
+
+    async def fresh_server(self) -> None:
+        """Replace the server with a new process on a new database (a clean RSS baseline)."""
+        self.server.stop()
+        self.generation += 1
+        db = os.path.join(self.tmp, f"bench{self.generation}.db")
+        procs.server_config(self.config, self.port, self.up_port, db)
+        self.server = await procs.start_server(
+            self.config, self.port, self.server_cpus, self.tmp, name=f"server{self.generation}"
+        )
+        await self.sc.close()
+        self.sc = _session()
+        await self.one_target("streamchat", 4, 20, 16, 0, 60, None)  # warm, as at the start
+
+    async def _levels(self, args: argparse.Namespace) -> dict[str, Any]:
+        await asyncio.sleep(self.settle * 2)
+        idle_rss = procs.rss_kb(self.server.pid)  # started, nothing asked of it yet
+        self.sc, self.dc = _session(), _session()
+        try:
+            await self.warmup()
+            levels: dict[str, Any] = {}
+            chosen = args.levels.split(",")
+            table: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+                "ttft": self.level_ttft,
+                "throughput": self.level_throughput,
+                "paced": self.level_paced,
+                "cancel": self.level_cancel,
+                "scale": self.level_scale,
+            }
+            for name in chosen:
+                if name not in table:
+                    raise SystemExit(f"unknown level {name!r}; choose from {', '.join(table)}")
+                print(f"level {name}", flush=True)
+                self.level_name = name
+                levels[name] = await table[name]()
+        finally:
+            await self.sc.close()
+            await self.dc.close()
+        return {
+            "idle_rss_kb": idle_rss,
+            "levels": levels,
+        }
+
+
+def _session() -> aiohttp.ClientSession:
+    """A client session with no connection limit and no total timeout."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=300),
+    )
+
+
+async def _read_until(resp: aiohttp.ClientResponse, marker: bytes, count: int) -> bytes:
+    """Read a streaming body until `marker` was seen `count` times; return what was read."""
+    buf = b""
+    async for data in resp.content.iter_any():
+        buf += data
+        if buf.count(marker) >= count:
+            return buf
+    raise RuntimeError("stream ended before the cancel point")
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1000, 3)
+
+
+def _brief(t: dict[str, Any]) -> str:
+    return (
+        f"ok {t['ok']}/{t['streams']} tok/s {t['tokens_per_s']} "
+        f"ttft p50 {t['ttft_ms']['p50']} p99 {t['ttft_ms']['p99']} ms "
+        f"(to upstream p50 {t['to_upstream_ms']['p50']}, back {t['first_token_back_ms']['p50']}) "
+        f"server cpu {t['server_cpu_util']} upstream cpu {t['upstream_cpu_util']} "
+        f"loadgen cpu {t['loadgen_cpu_util']}" + (f" errors {t['errors']}" if t["errors"] else "")
+    )
+
+
+def headline(res: dict[str, Any]) -> dict[str, float | None]:
+    """The figures the targets are about, computed from a result."""
+    lv = res["levels"]
+    out: dict[str, float | None] = {"idle_rss_mb": round(res["idle_rss_kb"] / 1024, 1)}
+    if "throughput" in lv:
+        sc = lv["throughput"]["streamchat"]
+        out["relay_tokens_per_s"] = sc["tokens_per_s"] if sc["failed"] == 0 else 0.0
+        out["cpu_s_per_1m_tokens"] = sc.get("server_cpu_s_per_1m_tokens")
+    for key, name in (("ttft", "1_stream"), ("paced", "100_streams")):
+        if key in lv:
+            d, s = lv[key]["direct"]["ttft_ms"], lv[key]["streamchat"]["ttft_ms"]
+            for p in ("p50", "p99"):
+                if d[p] is not None and s[p] is not None:
+                    out[f"ttft_added_{name}_{p}_ms"] = round(s[p] - d[p], 3)
+    if "scale" in lv:
+        sc = lv["scale"]["streamchat"]
+        out["scale_errors"] = float(sc["failed"])
+        out["scale_peak_open"] = float(sc["peak_open"])
+        out["rss_per_open_stream_kb"] = sc.get("rss_per_open_stream_kb")
+    if "cancel" in lv:
+        for mode in ("http", "ws"):
+            out[f"cancel_{mode}_p50_ms"] = lv["cancel"][mode]["p50_ms"]
+            out[f"cancel_{mode}_max_ms"] = lv["cancel"][mode]["max_ms"]
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The result as markdown: targets, then each level side by side."""
+    m = res["machine"]
+    lines = [
+        f"Run {res['started']} · `{res['command']}` · {m['nproc']} cores, {m['cpu']} · "
+        f"Python {m['python']} · server on core {m['server_cpu']}, upstream + load "
+        f"generator on core {m['client_cpu']}",
+        "",
+        "| target | measured | goal | holds |",
+        "|---|---|---|---|",
+    ]
+    heads = res["headline"]
+    for key, rule in TARGETS.items():
+        value = heads.get(key)
+        ok = _holds(value, rule)
+        mark = "—" if ok is None else ("yes" if ok else "**no**")
+        lines.append(f"| {key} | {value if value is not None else 'not run'} | {rule} | {mark} |")
+    for name, level in res["levels"].items():
+        if name == "cancel":
+            lines += ["", f"**{name}** ({level['streams']} each)", ""]
+            lines += ["| | p50 ms | p90 ms | max ms | ok |", "|---|---|---|---|---|"]
+            for mode in ("direct", "http", "ws"):
+                c = level[mode]
+                lines.append(
+                    f"| {mode} | {c['p50_ms']} | {c['p90_ms']} | {c['max_ms']} | {c['ok']} |"
+                )
+            continue
+        lines += [
+            "",
+            f"**{name}**: {level['concurrency']} concurrent, {level['streams']} streams of "
+            f"{level['tokens_per_stream']} tokens, upstream pace {level['pace_ms']:g} ms/token"
+            + (f", first starts spread over {level['ramp_s']:g} s" if level["ramp_s"] else ""),
+            "",
+            "| | direct | streamchat |",
+            "|---|---|---|",
+        ]
+        d, s = level["direct"], level["streamchat"]
+        rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
+            ("ok / streams", lambda t: f"{t['ok']} / {t['streams']}"),
+            ("tokens/s", lambda t: t["tokens_per_s"]),
+            ("TTFT p50 / p99 ms", lambda t: f"{t['ttft_ms']['p50']} / {t['ttft_ms']['p99']}"),
+            ("ITL p50 / p99 ms", lambda t: f"{t['itl_ms']['p50']} / {t['itl_ms']['p99']}"),
+            ("server CPU (util)", lambda t: f"{t['server_cpu_s']} s ({t['server_cpu_util']})"),
+            (
+                "upstream / loadgen CPU util",
+                lambda t: f"{t['upstream_cpu_util']} / {t['loadgen_cpu_util']}",
+            ),
+            (
+                "serving process RSS before / peak MB",
+                lambda t: f"{t['rss_before_kb'] / 1024:.1f} / {t['rss_peak_kb'] / 1024:.1f}",
+            ),
+        ]
+        if name == "scale":
+            rows.append(("peak open streams", lambda t: t["peak_open"]))
+            rows.append(("RSS per open stream KB", lambda t: t.get("rss_per_open_stream_kb")))
+        if name == "throughput":
+            rows.append(
+                ("server CPU s per 1M tokens", lambda t: t.get("server_cpu_s_per_1m_tokens"))
+            )
+        for label, get in rows:
+            lines.append(f"| {label} | {get(d)} | {get(s)} |")
+        errs = {**d["errors"], **s["errors"]}
+        if errs:
+            lines.append(f"\nerrors: `{errs}`")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The bench's command line."""
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness works")
+    p.add_argument(
+        "--levels",
+        default="ttft,throughput,paced,cancel,scale",
+        help="comma list of ttft, throughput, paced, cancel, scale",
+    )
+    p.add_argument("--out", default=os.path.join(procs.ROOT, "bench", "results"))
+    p.add_argument(
+        "--size",
+        action="append",
+        metavar="NAME=N",
+        help=f"override one size ({', '.join(f.name for f in dataclasses.fields(Sizes))})",
+    )
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--client-cpu", type=int, default=1)
+    p.add_argument("--no-pin", action="store_true", help="leave every process on every core")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="record the server with py-spy during each level (collapsed stacks in DIR)",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 1 when any stream failed or any measured target missed."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    loop_factory = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop  # no global policy change (tests call main)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    with (
+        tempfile.TemporaryDirectory(prefix="streamchat-bench-") as tmp,
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
+        bench = Bench(args, tmp)
+        res = runner.run(bench.run())
+    res.update(
+        started=started,
+        command=shlex.join(["python", "-m", "bench.run", *argv]),
+        machine={
+            "nproc": os.cpu_count(),
+            "cpu": procs.cpu_model(),
+            "python": platform.python_version(),
+            "server_cpu": None if args.no_pin else args.server_cpu,
+            "client_cpu": None if args.no_pin else args.client_cpu,
+            "fd_limit": bench.fd_limit,
+        },
+    )
+    res["headline"] = headline(res)
+    res["targets"] = {
+        k: {
+            "goal": rule,
+            "value": res["headline"].get(k),
+            "holds": _holds(res["headline"].get(k), rule),
+        }
+        for k, rule in TARGETS.items()
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as fh:
+        json.dump(res, fh, indent=2)
+    md = markdown(res)
+    with open(os.path.join(args.out, "bench.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+    failed = any(t["holds"] is False for t in res["targets"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

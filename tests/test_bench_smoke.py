@@ -1,0 +1,113 @@
+"""The relay benchmark's harness: a tiny real run, and proof its byte-exact check can fail."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from bench import loadgen
+from bench import run as bench_run
+from bench.spec import StreamSpec, parse
+from bench.upstream import _frames
+
+
+def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> None:
+    out = tmp_path / "out"
+    bench_run.main(
+        [
+            "--quick",
+            "--no-pin",
+            "--levels",
+            "ttft,throughput,cancel",
+            "--size",
+            "ttft_n=5",
+            "--size",
+            "tput_n=12",
+            "--size",
+            "cancel_n=2",
+            "--out",
+            str(out),
+        ]
+    )
+    res = json.loads((out / "bench.json").read_text())
+    for name in ("ttft", "throughput"):
+        for target in ("direct", "streamchat"):
+            level = res["levels"][name][target]
+            assert level["failed"] == 0 and level["ok"] == level["streams"] > 0, (name, level)
+            assert level["tokens"] == level["ok"] * res["levels"][name]["tokens_per_stream"]
+            assert level["ttft_ms"]["p50"] > 0
+    # the server's CPU was sampled from /proc while it relayed, and only then
+    assert res["levels"]["throughput"]["streamchat"]["server_cpu_s"] > 0
+    assert res["levels"]["throughput"]["direct"]["server_cpu_s"] < 0.2
+    for mode in ("direct", "http", "ws"):
+        cancel = res["levels"]["cancel"][mode]
+        assert cancel["ok"] == 2 and cancel["errors"] == [], (mode, cancel)
+        assert 0 < cancel["p50_ms"] < 1000
+    assert res["idle_rss_kb"] > 10_000
+    assert set(res["targets"]) >= {"relay_tokens_per_s", "cancel_ws_max_ms"}
+    md = (out / "bench.md").read_text()
+    assert "| relay_tokens_per_s |" in md and "**throughput**" in md
+
+
+def test_spec_round_trips_through_its_prompt() -> None:
+    spec = StreamSpec("abc-1", 7, 2.5)
+    assert parse(spec.prompt()) == spec
+    text = spec.expected()
+    assert text == "".join(spec.token(i) for i in range(7))
+    assert StreamSpec("abc-2", 7).expected() != text  # the id decides the text
+
+
+async def _serve(aiohttp_server: Any, handler: Any) -> str:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_post("/api/v1/conversations/{cid}/stream", handler)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_the_checker_catches_one_wrong_byte(aiohttp_server: Any) -> None:
+    spec = StreamSpec("x1", 12)
+
+    async def corrupting(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        prefix, suffix, tail = _frames(spec, "m")
+        for i in range(spec.tokens):
+            tok = spec.token(i)
+            if i == 5:
+                tok = tok[:-1] + chr(ord(tok[-1]) ^ 1)  # one flipped bit
+            await resp.write(prefix + b'"content":' + json.dumps(tok).encode() + suffix)
+        await resp.write(tail)
+        return resp
+
+    base = await _serve(aiohttp_server, corrupting)
+    async with aiohttp.ClientSession() as session:
+        res = await loadgen.direct_stream(session, base, spec)
+    assert not res.ok
+    assert res.error is not None and res.error.startswith("content mismatch at char")
+
+
+async def test_the_checker_catches_a_sequence_gap(aiohttp_server: Any) -> None:
+    spec = StreamSpec("x2", 3)
+
+    async def gappy(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        events: list[dict[str, Any]] = [{"type": "start", "message_id": "m"}] + [
+            {"type": "chunk", "content": spec.token(i)} for i in range(spec.tokens)
+        ]
+        events.append({"type": "end", "status": "complete"})
+        for seq, ev in enumerate(events, start=1):
+            if seq == 3:
+                continue  # a lost event
+            ev["seq"] = seq
+            await resp.write(f"id: {seq}\ndata: {json.dumps(ev)}\n\n".encode())
+        return resp
+
+    base = await _serve(aiohttp_server, gappy)
+    async with aiohttp.ClientSession() as session:
+        res = await loadgen.sse_stream(session, base, "c", spec)
+    assert not res.ok and res.error is not None and res.error.startswith("seq gap")
