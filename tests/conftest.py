@@ -32,7 +32,7 @@ def make_settings(db: str, **overrides: Any) -> Settings:
         db=db,
         default_provider=overrides.pop("default_provider", "fake"),
         streaming=dataclasses.replace(StreamingSettings(), **streaming),
-        local=LocalSettings(enabled=False),
+        local=overrides.pop("local", LocalSettings(enabled=False)),
         providers=providers,
         **overrides,
     )
