@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         access_log=None,
         handle_signals=False,
         shutdown_timeout=5.0,
+        # aiohttp's default accept queue (128) overflows when thousands of clients
+        # (re)connect at once; the kernel caps this at net.core.somaxconn
+        backlog=1024,
     )
     return 0
 

@@ -44,7 +44,7 @@ class Sizes:
     cancel_n: int
 
 
-FULL = Sizes(300, 16, 1500, 100, 1000, 10_000, 60, 40)
+FULL = Sizes(300, 32, 1500, 100, 1000, 10_000, 180, 40)
 QUICK = Sizes(20, 8, 40, 20, 40, 200, 4, 5)
 
 TARGETS = {
@@ -266,9 +266,9 @@ class Bench:
             s.scale_c,
             s.scale_tokens,
             1000,
-            s.scale_tokens + 240,
-            # at most this many connecting at once: aiohttp's accept backlog is 128
-            max_starting=100,
+            s.scale_tokens + 420,
+            # at most this many connecting at once (the server's accept backlog is 1024)
+            max_starting=1000,
         )
         for target in ("direct", "streamchat"):
             t = level[target]

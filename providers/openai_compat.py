@@ -86,7 +86,14 @@ class OpenAICompatProvider:
             # Our driver retries with backoff before the first token and enforces the
             # first-token/idle/total timeouts itself; SDK retries would hide them.
             max_retries=0,
-            timeout=sdk_timeout(settings),
+            # No read timeout: the driver's deadlines bound every read, and aiohttp would
+            # re-arm a read timer on each packet (~6% of the CPU at 10,000 slow streams).
+            timeout=httpx2.Timeout(
+                connect=settings.connect_timeout,
+                read=None,
+                write=settings.connect_timeout,
+                pool=settings.connect_timeout,
+            ),
             # The SDK's aiohttp backend: httpcore's pool rescans every connection on each
             # request and response (quadratic at thousands of streams) and its default stops
             # at 1,000. limit 0 = unbounded: runs already bound concurrency.
