@@ -149,19 +149,20 @@ def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[P
     return proc, port
 
 
-def server_config(path: str, port: int, upstream_port: int, db: str, **streaming: float) -> None:
-    """Write a TOML config: one OpenAI-compatible provider at the fake upstream, no local."""
+def server_config(path: str, port: int, upstream_port: int, db: str, local: bool = False) -> None:
+    """Write a TOML config: one OpenAI-compatible provider at the fake upstream.
+
+    `local`: the local model on too, and the default provider (for the local level).
+    """
     lines = [
         'host = "127.0.0.1"',
         f"port = {port}",
         f'db = "{db}"',
         'log_level = "INFO"',
-        'default_provider = "upstream"',
+        f'default_provider = "{"local" if local else "upstream"}"',
         "presets = false",
         "[local]",
-        "enabled = false",
-        "[streaming]",
-        *(f"{k} = {v}" for k, v in streaming.items()),
+        f"enabled = {'true' if local else 'false'}",
         # one bench user opens thousands of streams: per-user limits off (0)
         "[limits]",
         "streams_per_minute = 0",

@@ -42,10 +42,13 @@ class Sizes:
     scale_c: int
     scale_tokens: int
     cancel_n: int
+    local_n: int  # streams at 1 concurrent (twice as many at 4) per side of the local level
 
 
-FULL = Sizes(300, 32, 1500, 100, 1000, 10_000, 180, 40)
-QUICK = Sizes(20, 8, 40, 20, 40, 200, 4, 5)
+FULL = Sizes(300, 32, 1500, 100, 1000, 10_000, 180, 40, 6)
+QUICK = Sizes(20, 8, 40, 20, 40, 200, 4, 5, 1)
+LOCAL_MAX_TOKENS = 128
+LOCAL_PROMPT = "Write a long story about a lighthouse keeper and a storm."
 
 TARGETS = {
     "relay_tokens_per_s": ">= 15000",
@@ -60,6 +63,8 @@ TARGETS = {
     "cancel_http_max_ms": "<= 20",
     "cancel_ws_p50_ms": "<= 5",
     "cancel_ws_max_ms": "<= 20",
+    "local_1_stream_ratio": ">= 0.95",
+    "local_4_over_1_stream": ">= 1.000001",
 }
 
 
@@ -278,6 +283,73 @@ class Bench:
                 )
         return level
 
+    async def level_local(self) -> dict[str, Any]:
+        """The local model: tokens/s of xllamacpp alone vs through streamchat, 1 and 4 streams.
+
+        Both sides use every core and the same runtime settings (LocalRuntime with the
+        default [local] settings), answers capped at LOCAL_MAX_TOKENS. Text is not checked
+        (a real model's), only that every stream ends complete.
+        """
+        n = self.sizes.local_n
+        alone = procs.Proc("llama", [sys.executable, "-m", "bench.llama_alone"], [], self.tmp)
+        alone.start()
+        try:
+            line = alone.read_line(b"", timeout=120)
+            if not line.startswith("address "):
+                return {"skipped": line}
+            base = line.split(" ", 1)[1]
+
+            async def direct(i: int, on_open: loadgen.OnToken) -> StreamResult:
+                return await loadgen.direct_stream(
+                    fresh,
+                    base,
+                    StreamSpec("local", 0, text=LOCAL_PROMPT),
+                    on_open=on_open,
+                    max_tokens=LOCAL_MAX_TOKENS,
+                    check=False,
+                )
+
+            out: dict[str, Any] = {"max_tokens": LOCAL_MAX_TOKENS}
+            # a new connection per request: llama.cpp's server may close an idle one just
+            # as it is reused, which is not what this level measures
+            fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+            try:
+                await loadgen.run_streams(direct, 1, 1, 120)  # warm-up
+                for c in (1, 4):
+                    res, wall = await loadgen.run_streams(direct, c, n * c, 600)
+                    out[f"alone_{c}"] = summarize(res, wall)
+            finally:
+                await fresh.close()
+        finally:
+            alone.stop()
+        await self.fresh_server(local=True)
+        cids = await self.conversations(1 + 5 * n)
+
+        async def relayed(i: int, on_open: loadgen.OnToken) -> StreamResult:
+            return await loadgen.sse_stream(
+                self.sc,
+                self.base,
+                cids[i],
+                StreamSpec("local", 0, text=LOCAL_PROMPT),
+                on_open=on_open,
+                options={"max_tokens": LOCAL_MAX_TOKENS},
+                check=False,
+            )
+
+        await loadgen.run_streams(relayed, 1, 1, 120)
+        offset = 1
+        for c in (1, 4):
+
+            async def shifted(i: int, on_open: loadgen.OnToken, o: int = offset) -> StreamResult:
+                return await relayed(o + i, on_open)
+
+            res, wall = await loadgen.run_streams(shifted, c, n * c, 600)
+            offset += n * c
+            out[f"streamchat_{c}"] = summarize(res, wall)
+        for key in ("alone_1", "alone_4", "streamchat_1", "streamchat_4"):
+            print(f"  local {key}: {_brief_local(out[key])}", flush=True)
+        return out
+
     async def level_cancel(self) -> dict[str, Any]:
         """Client cancel (HTTP, WebSocket; direct: closing the response) → upstream disconnect."""
         n = self.sizes.cancel_n
@@ -392,18 +464,28 @@ class Bench:
                 if name.endswith(".log"):
                     shutil.copy(os.path.join(self.tmp, name), args.out)
 
-    async def fresh_server(self) -> None:
-        """Replace the server with a new process on a new database (a clean RSS baseline)."""
+    async def fresh_server(self, local: bool = False) -> None:
+        """Replace the server with a new process on a new database (a clean RSS baseline).
+
+        `local`: with the local model as the default provider, on every core (llama.cpp's
+        threads inherit the process's affinity).
+        """
         self.server.stop()
         self.generation += 1
         db = os.path.join(self.tmp, f"bench{self.generation}.db")
-        procs.server_config(self.config, self.port, self.up_port, db)
+        procs.server_config(self.config, self.port, self.up_port, db, local=local)
         self.server = await procs.start_server(
-            self.config, self.port, self.server_cpus, self.tmp, name=f"server{self.generation}"
+            self.config,
+            self.port,
+            [] if local else self.server_cpus,
+            self.tmp,
+            wait=180.0,
+            name=f"server{self.generation}",
         )
         await self.sc.close()
         self.sc = _session()
-        await self.one_target("streamchat", 4, 20, 16, 0, 60, None)  # warm, as at the start
+        if not local:
+            await self.one_target("streamchat", 4, 20, 16, 0, 60, None)  # warm, as at start
 
     async def _levels(self, args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(self.settle * 2)
@@ -419,6 +501,7 @@ class Bench:
                 "paced": self.level_paced,
                 "cancel": self.level_cancel,
                 "scale": self.level_scale,
+                "local": self.level_local,
             }
             for name in chosen:
                 if name not in table:
@@ -457,6 +540,10 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 3)
 
 
+def _brief_local(t: dict[str, Any]) -> str:
+    return f"ok {t['ok']}/{t['streams']} tokens {t['tokens']} tok/s {t['tokens_per_s']}"
+
+
 def _brief(t: dict[str, Any]) -> str:
     return (
         f"ok {t['ok']}/{t['streams']} tok/s {t['tokens_per_s']} "
@@ -486,6 +573,11 @@ def headline(res: dict[str, Any]) -> dict[str, float | None]:
         out["scale_errors"] = float(sc["failed"])
         out["scale_peak_open"] = float(sc["peak_open"])
         out["rss_per_open_stream_kb"] = sc.get("rss_per_open_stream_kb")
+    lo = lv.get("local", {})
+    if "streamchat_1" in lo:
+        one, four = lo["streamchat_1"]["tokens_per_s"], lo["streamchat_4"]["tokens_per_s"]
+        out["local_1_stream_ratio"] = round(one / lo["alone_1"]["tokens_per_s"], 3)
+        out["local_4_over_1_stream"] = round(four / one, 3)
     if "cancel" in lv:
         for mode in ("http", "ws"):
             out[f"cancel_{mode}_p50_ms"] = lv["cancel"][mode]["p50_ms"]
@@ -511,6 +603,24 @@ def markdown(res: dict[str, Any]) -> str:
         mark = "—" if ok is None else ("yes" if ok else "**no**")
         lines.append(f"| {key} | {value if value is not None else 'not run'} | {rule} | {mark} |")
     for name, level in res["levels"].items():
+        if name == "local":
+            lines += [
+                "",
+                f"**local** (SmolLM2-135M, answers of at most {LOCAL_MAX_TOKENS} "
+                "tokens, every core)",
+                "",
+            ]
+            if "skipped" in level:
+                lines.append(f"skipped: {level['skipped']}")
+                continue
+            lines += ["| | xllamacpp alone | through streamchat |", "|---|---|---|"]
+            for c in (1, 4):
+                a, b = level[f"alone_{c}"], level[f"streamchat_{c}"]
+                lines.append(
+                    f"| {c} stream{'s' if c > 1 else ''}: tok/s (ok) | {a['tokens_per_s']} "
+                    f"({a['ok']}/{a['streams']}) | {b['tokens_per_s']} ({b['ok']}/{b['streams']}) |"
+                )
+            continue
         if name == "cancel":
             lines += ["", f"**{name}** ({level['streams']} each)", ""]
             lines += ["| | p50 ms | p90 ms | max ms | ok |", "|---|---|---|---|---|"]
@@ -566,8 +676,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness works")
     p.add_argument(
         "--levels",
-        default="ttft,throughput,paced,cancel,scale",
-        help="comma list of ttft, throughput, paced, cancel, scale",
+        default="ttft,throughput,paced,cancel,scale,local",
+        help="comma list of ttft, throughput, paced, cancel, scale, local (local restarts "
+        "the server with the local model; keep it last)",
     )
     p.add_argument("--out", default=os.path.join(procs.ROOT, "bench", "results"))
     p.add_argument(

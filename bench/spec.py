@@ -48,10 +48,11 @@ class StreamSpec:
     id: str
     tokens: int
     pace_ms: float = 0.0
+    text: str = ""  # for a real model: the prompt to send instead of the spec
 
     def prompt(self) -> str:
         """The user message that carries this spec to the upstream."""
-        return f"bench id={self.id} n={self.tokens} ms={self.pace_ms:g}"
+        return self.text or f"bench id={self.id} n={self.tokens} ms={self.pace_ms:g}"
 
     def token(self, i: int) -> str:
         """The i-th token of the answer."""
