@@ -73,7 +73,6 @@ class ChatService:
         self._reserved: set[str] = set()
         self._live_event = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
-        self.flush_count = 0
         self.flush_failures = 0
         self.accepting = True
 
@@ -577,7 +576,6 @@ class ChatService:
                 self.metrics.flush_failures.inc()
                 log.exception("flush of %d live answer(s) failed; will retry", len(rows))
                 continue
-            self.flush_count += 1
             self.metrics.flush_seconds.observe(time.monotonic() - t0)
             for r, seq in batch:
                 r.flushed_seq = seq

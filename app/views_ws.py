@@ -116,8 +116,7 @@ class Socket:
             else:
                 await self.error("bad_request", f"Unknown op {op!r}.", **echo)
         except ApiError as exc:
-            extra = {k: v for k, v in exc.extra.items()}
-            await self.error(exc.code, exc.message, status=exc.status, **extra, **echo)
+            await self.error(exc.code, exc.message, status=exc.status, **exc.extra, **echo)
         except sqlite3.OperationalError as exc:
             log.error("database error on websocket op %r: %s", op, exc)
             await self.error("storage_busy", "The database is busy; try again shortly.", **echo)

@@ -66,7 +66,6 @@ class AnthropicProvider:
             kind=settings.kind,
             models=settings.models,
             default_model=settings.default_model,
-            supports_prefill=True,
         )
 
     def build_request(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -107,8 +107,6 @@ class ProviderInfo:
     default_model: str
     available: bool = True
     reason: str | None = None
-    supports_prefill: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class Provider(Protocol):

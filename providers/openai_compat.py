@@ -106,7 +106,6 @@ class OpenAICompatProvider:
             kind=settings.kind,
             models=settings.models,
             default_model=settings.default_model,
-            supports_prefill=False,
         )
 
     def build_request(
