@@ -66,9 +66,12 @@ async def test_continue_with_the_local_model(
     assert first[-1]["type"] == "end" and first[-1]["finish_reason"] == "length"
     part = text_of(first)
     assert part
-    # a length-limited answer is complete; make it continuable the way a crash would
-    with sqlite3.connect(db_path) as raw:
-        raw.execute("UPDATE messages SET status = 'interrupted' WHERE role = 'assistant'")
+    # a length-limited answer is complete; make it continuable the way a crash would.
+    # Through the app's own connection: the server may still be writing (usage) just
+    # after the end event, and a second connection's deferred write can get SQLITE_BUSY.
+    db = client.app[STORE].db
+    await db.execute("UPDATE messages SET status = 'interrupted' WHERE role = 'assistant'")
+    await db.commit()
     mid = first[0]["message_id"]
     more = await read_events(
         await client.post(
