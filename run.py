@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -12,6 +13,17 @@ from app.auth import insecure_bind_reason
 from app.logging_setup import configure_logging
 from app.main import create_app
 from app.settings import SettingsError, load_settings, parse_args
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Once everything is loaded, exempt it from garbage collection.
+
+    Modules, the SDKs' classes and the settings are hundreds of thousands of objects that
+    live as long as the process; without this every full collection walks them all again
+    (about a second at 10,000 open streams, a pause every stream feels).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     app = create_app(settings, handle_signals=True)
+    app.on_startup.append(_freeze_heap)
     print(f"streamchat on http://{settings.host}:{settings.port}", flush=True)
     # Our own SIGTERM/SIGINT handlers drain runs first (app/lifecycle.py); aiohttp then
     # waits at most this long for the remaining requests.

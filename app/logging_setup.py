@@ -7,10 +7,11 @@ request's id to its end, even after the client has gone.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import TextIO
@@ -70,9 +71,15 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
     return handler
 
 
+# Request ids need to be unique, not secret: a random per-process prefix and a counter.
+# (uuid4 reads the OS entropy source, a system call on every request.)
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def new_request_id() -> str:
-    """A short random id."""
-    return uuid.uuid4().hex[:16]
+    """A short id, unique within this process and very likely across restarts."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 @web.middleware

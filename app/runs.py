@@ -22,8 +22,9 @@ class Run:
 
     __slots__ = (
         "_finished",
-        "_waiter",
+        "_waiters",
         "cancel_requested",
+        "client_message_id",
         "content",
         "conversation_id",
         "done",
@@ -60,8 +61,10 @@ class Run:
         prefix: str = "",
         prefix_reasoning: str = "",
         persist: bool = True,
+        client_message_id: str | None = None,
     ) -> None:
         self.persist = persist
+        self.client_message_id = client_message_id
         self.conversation_id = conversation_id
         self.message_id = message_id
         self.user_message_id = user_message_id
@@ -84,7 +87,9 @@ class Run:
         self.error: dict[str, Any] | None = None
         self.text_events = 0
         self.flushed_seq = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # one future per waiting subscriber: a shared one would need asyncio.shield (so one
+        # subscriber leaving cannot cancel it for all), which costs every wake-up a loop turn
+        self._waiters: list[asyncio.Future[None]] = []
         self._finished = asyncio.Event()
 
     @property
@@ -109,11 +114,11 @@ class Run:
         self.events.append(encode(event))
         if event["type"] in TERMINAL:
             self.done = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():  # a subscriber that left cancelled its own
+                    waiter.set_result(None)
         return seq
 
     def mark_finished(self) -> None:
@@ -128,10 +133,14 @@ class Run:
     async def _wait_for_more(self, after: int) -> None:
         if len(self.events) > after or self.done:
             return
-        if self._waiter is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-        # shield: one subscriber going away must not cancel the shared future
-        await asyncio.shield(self._waiter)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:  # this subscriber left
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
 
     async def follow(self, after: int = 0) -> AsyncIterator[list[tuple[int, str]]]:
         """Yield batches of (seq, json) after `after` until the terminal event.

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.driver import Target, drive
-from app.errors import ApiError
+from app.errors import ApiError, not_found
 from app.limits import UNLIMITED, Limiter
 from app.metrics import Metrics
 from app.runs import Run
 from app.settings import ProviderSettings, StreamingSettings
-from app.store import Store, new_id
+from app.store import ConversationNotFound, NothingToAnswer, Store, new_id
 from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class ChatService:
         self.live_by_conversation: dict[str, Run] = {}
         self.runs: dict[str, Run] = {}  # live and recently finished, by message id
         self._retained: collections.OrderedDict[str, Run] = collections.OrderedDict()
-        self._reserved: set[str] = set()
+        self._reserved: dict[str, str] = {}  # conversation id -> user id, while starting
         self._live_event = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self.flush_failures = 0
@@ -174,20 +174,63 @@ class ChatService:
         return self.runs.get(message_id)
 
     async def start(
-        self, user_id: str, conversation: Mapping[str, Any], req: SendRequest
+        self, user_id: str, conversation: Mapping[str, Any] | str, req: SendRequest
     ) -> tuple[Run, bool]:
         """Start a run for a new user message; returns (run, created).
 
+        `conversation` is the conversation or its id; an id is read in the same database
+        round trip as the run's writes (404 unless it is the user's): under load each
+        round trip waits for the busy event loop, and they add up to the first token.
         A retried send with the same client_message_id returns the existing run.
         Raises ApiError 409 while another run of the conversation is live.
         """
-        cid = conversation["id"]
-        if req.client_message_id:
-            existing = await self.store.find_by_client_id(cid, req.client_message_id)
-            if existing is not None:
-                run = self.runs.get(existing["id"])
-                if run is not None:
-                    return run, False
+        cid = conversation if isinstance(conversation, str) else conversation["id"]
+        live = self.live_by_conversation.get(cid)
+        if (
+            req.client_message_id
+            and live is not None
+            and live.client_message_id == req.client_message_id
+            and live.user_id == user_id
+        ):
+            return live, False  # a retried send while its answer is being generated
+        if not self.accepting:
+            raise ApiError(
+                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
+            )
+        if req.provider:
+            self.resolve(req.provider, req.model)  # a bad choice is a 400 before anything
+
+        def choose(conv: Mapping[str, Any]) -> tuple[str, str]:
+            return self.resolve(
+                req.provider or conv.get("provider"),
+                req.model or (conv.get("model") if not req.provider else None),
+            )
+
+        title = None
+        if req.content is not None:
+            title = " ".join(req.content.split())[:TITLE_LENGTH] or None
+        self._reserve(cid, user_id)
+        ticket = None
+        try:
+            ticket = self.limiter.admit(user_id, req.content, req.options)  # before any write
+            try:
+                exchange = await self.store.start_exchange(
+                    user_id,
+                    conversation if isinstance(conversation, str) else dict(conversation),
+                    content=req.content,
+                    choose=choose,
+                    client_message_id=req.client_message_id,
+                    title=title,
+                )
+            except ConversationNotFound:
+                raise not_found() from None
+            except NothingToAnswer:
+                raise ApiError(400, "bad_request", "There is no user message to answer.") from None
+            if exchange.duplicate is not None:
+                existing = exchange.duplicate
+                retained = self.runs.get(existing["id"])
+                if retained is not None:
+                    return retained, False
                 raise ApiError(
                     409,
                     "duplicate",
@@ -195,54 +238,20 @@ class ChatService:
                     message_id=existing["id"],
                     message_status=existing["status"],
                 )
-        if not self.accepting:
-            raise ApiError(
-                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
-            )
-        name, model = self.resolve(
-            req.provider or conversation.get("provider"),
-            req.model or (conversation.get("model") if not req.provider else None),
-        )
-        self._reserve(cid)
-        ticket = None
-        try:
-            ticket = self.limiter.admit(user_id, req.content, req.options)  # before any write
-            history = await self.store.list_messages(cid)
-            if req.content is None:
-                # regenerate: drop the answers after the last user message, answer it again
-                if not any(m["role"] == "user" for m in history):
-                    raise ApiError(400, "bad_request", "There is no user message to answer.")
-                trailing = []
-                while history and history[-1]["role"] == "assistant":
-                    trailing.append(history.pop())
-                if trailing:
-                    await self.store.delete_messages_from(cid, trailing[-1]["id"])
-            title = None
-            if req.content is not None and not conversation.get("title"):
-                title = " ".join(req.content.split())[:TITLE_LENGTH]
-            user_mid, mid = await self.store.start_exchange(
-                cid,
-                content=req.content,
-                provider=name,
-                model=model,
-                client_message_id=req.client_message_id,
-                title=title,
-            )
-            if req.content is not None:
-                history.append({"role": "user", "content": req.content, "status": "complete"})
-            messages = self.build_prompt(conversation, history)
+            messages = self.build_prompt(exchange.conversation, exchange.history)
             run = Run(
                 conversation_id=cid,
-                message_id=mid,
-                user_message_id=user_mid,
+                message_id=exchange.message_id,
+                user_message_id=exchange.user_message_id,
                 user_id=user_id,
-                provider=name,
-                model=model,
+                provider=exchange.provider,
+                model=exchange.model,
+                client_message_id=req.client_message_id,
             )
-            chain = ticket.guard(run, self._chain(name, model))
+            chain = ticket.guard(run, self._chain(exchange.provider, exchange.model))
             self._launch(run, chain, messages, ticket.options, req.request_id)
         finally:
-            self._reserved.discard(cid)
+            self._reserved.pop(cid, None)
             self.limiter.settle(ticket)
         return run, True
 
@@ -258,7 +267,7 @@ class ChatService:
                 503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
             )
         cid = conversation["id"]
-        self._reserve(cid)
+        self._reserve(cid, user_id)
         ticket = None
         try:
             ticket = self.limiter.admit(user_id, None, req.options)  # before any write
@@ -296,7 +305,7 @@ class ChatService:
             chain = ticket.guard(run, self._chain(name, model))
             self._launch(run, chain, messages, options, req.request_id, True)
         finally:
-            self._reserved.discard(cid)
+            self._reserved.pop(cid, None)
             self.limiter.settle(ticket)
         return run
 
@@ -329,9 +338,13 @@ class ChatService:
         )
         return run
 
-    def _reserve(self, cid: str) -> None:
+    def _reserve(self, cid: str, user_id: str) -> None:
+        # Another user's conversation is a 404 here too (not a 409 naming its live run);
+        # the caller's own ownership check follows.
         live = self.live_by_conversation.get(cid)
         if live is not None:
+            if live.user_id != user_id:
+                raise not_found()
             raise ApiError(
                 409,
                 "conflict",
@@ -339,8 +352,10 @@ class ChatService:
                 message_id=live.message_id,
             )
         if cid in self._reserved:
+            if self._reserved[cid] != user_id:
+                raise not_found()
             raise ApiError(409, "conflict", "A message is already being sent in this conversation.")
-        self._reserved.add(cid)
+        self._reserved[cid] = user_id
 
     def _launch(
         self,

@@ -174,16 +174,16 @@ async def delete_conversation(request: web.Request) -> web.Response:
 @routes.post("/api/v1/conversations/{cid}/messages")
 async def send_blocking(request: web.Request) -> web.Response:
     """The non-streaming send: wait for the whole answer and return it as JSON."""
-    conv = await load_conversation(request)
+    cid = check_id(request.match_info["cid"])
     req = parse_send(await json_body(request))
     service = request.app[SERVICE]
-    run, _ = await service.start(user_id(request), conv, req)
+    run, _ = await service.start(user_id(request), cid, req)  # 404 unless the user's
     run.subscribe("http")
     try:
         await run.wait_finished()
     finally:
         service.subscriber_left(run, "http")
-    message = await request.app[STORE].get_message(user_id(request), conv["id"], run.message_id)
+    message = await request.app[STORE].get_message(user_id(request), cid, run.message_id)
     if message is None:  # deleted meanwhile
         raise not_found("message")
     return web.json_response(

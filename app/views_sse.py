@@ -20,6 +20,8 @@ from app.views_api import load_conversation, streaming_enabled
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+# Below every transport's pause threshold (asyncio 64 KiB, uvloop 16 KiB high-water mark)
+UNTIMED_WRITE = 8192
 
 
 def _after(request: web.Request) -> int:
@@ -59,10 +61,21 @@ async def _respond(
                 break
             # One write per batch: the same bytes resp.send() frames event by event (our
             # JSON has no raw line breaks), without its per-event regex, buffer and timer.
-            frames = "".join([f"id: {seq}\ndata: {data}\n\n" for seq, data in batch])
+            frames = "".join([f"id: {seq}\ndata: {data}\n\n" for seq, data in batch]).encode()
+            transport = request.transport
+            if (
+                transport is not None
+                and len(frames) < UNTIMED_WRITE
+                and not transport.get_write_buffer_size()
+            ):
+                # Nothing queued and a small write: the transport takes it without waiting,
+                # so no send timer (one per token otherwise); a stalled client's buffer
+                # fills and its next write is timed.
+                await resp.write(frames)
+                continue
             try:
                 async with asyncio.timeout(settings.send_timeout):
-                    await resp.write(frames.encode())
+                    await resp.write(frames)
             except TimeoutError:
                 if request.transport is not None:
                     request.transport.abort()  # as aiohttp-sse does for a stalled send
@@ -97,10 +110,10 @@ async def _replay(
 async def send_stream(request: web.Request) -> web.StreamResponse:
     """Send a message and stream the run's events as SSE."""
     streaming_enabled(request)
-    conv = await load_conversation(request)
+    cid = check_id(request.match_info["cid"])
     req = parse_send(await json_body(request))
     service = request.app[SERVICE]
-    run, _ = await service.start(user_id(request), conv, req)
+    run, _ = await service.start(user_id(request), cid, req)  # 404 unless the user's
     return await _respond(request, _follow(service, run, 0))
 
 
@@ -108,11 +121,11 @@ async def send_stream(request: web.Request) -> web.StreamResponse:
 async def regenerate_stream(request: web.Request) -> web.StreamResponse:
     """Replace the last answer with a new one, streamed as SSE."""
     streaming_enabled(request)
-    conv = await load_conversation(request)
+    cid = check_id(request.match_info["cid"])
     body = await json_body(request) if request.can_read_body else {}
     req = parse_regenerate(body)
     service = request.app[SERVICE]
-    run, _ = await service.start(user_id(request), conv, req)
+    run, _ = await service.start(user_id(request), cid, req)  # 404 unless the user's
     return await _respond(request, _follow(service, run, 0))
 
 

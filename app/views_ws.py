@@ -126,10 +126,13 @@ class Socket:
             log.exception("websocket op %r failed", op)
             await self.error("internal", "Internal server error.", **echo)
 
-    async def _conversation(self, cid: Any) -> dict[str, Any]:
+    def _conversation_id(self, cid: Any) -> str:
         if not isinstance(cid, str) or not ID_RE.match(cid):
             raise ApiError(404, "not_found", "No such conversation.")
-        conv = await self.app[STORE].get_conversation(self.user, cid)
+        return cid
+
+    async def _conversation(self, cid: Any) -> dict[str, Any]:
+        conv = await self.app[STORE].get_conversation(self.user, self._conversation_id(cid))
         if conv is None:
             raise ApiError(404, "not_found", "No such conversation.")
         return conv
@@ -144,16 +147,16 @@ class Socket:
         """Start a run (or attach to the one a retried client_message_id started)."""
         fields = {k: v for k, v in msg.items() if k not in ("op", "conversation_id")}
         req = parse_send(fields, extra_fields={"request_id"})
-        conv = await self._conversation(msg.get("conversation_id"))
-        run, _ = await self.app[SERVICE].start(self.user, conv, req)
+        cid = self._conversation_id(msg.get("conversation_id"))
+        run, _ = await self.app[SERVICE].start(self.user, cid, req)  # 404 unless the user's
         self.follow(run, 0)
 
     async def op_regenerate(self, msg: dict[str, Any]) -> None:
         """Replace the conversation's last answer with a new run."""
         fields = {k: v for k, v in msg.items() if k not in ("op", "conversation_id")}
         req = parse_regenerate(fields)
-        conv = await self._conversation(msg.get("conversation_id"))
-        run, _ = await self.app[SERVICE].start(self.user, conv, req)
+        cid = self._conversation_id(msg.get("conversation_id"))
+        run, _ = await self.app[SERVICE].start(self.user, cid, req)  # 404 unless the user's
         self.follow(run, 0)
 
     async def op_continue(self, msg: dict[str, Any]) -> None:

@@ -19,7 +19,11 @@ async def test_continue_after_a_crash(
     client = await aiohttp_client(make_app())
     cid = await new_conversation(client)
     store = client.app[STORE]
-    _, mid = await store.start_exchange(cid, content="count", provider="fake", model="fake-1")
+    mid = (
+        await store.start_exchange(
+            "local", cid, content="count", choose=lambda _: ("fake", "fake-1")
+        )
+    ).message_id
     await store.flush_contents([("one two ", "", mid)])  # the last flush before the crash
     await client.close()
     with sqlite3.connect(db_path) as raw:  # as if killed: the row is still 'streaming'

@@ -172,7 +172,9 @@ async def test_crash_recovery_marks_streaming_as_interrupted(
     client = await aiohttp_client(make_app())
     cid = await new_conversation(client)
     store = client.app[STORE]
-    _, mid = await store.start_exchange(cid, content="q", provider="fake", model="fake-1")
+    mid = (
+        await store.start_exchange("local", cid, content="q", choose=lambda _: ("fake", "fake-1"))
+    ).message_id
     await store.flush_contents([("saved so far", "", mid)])
     await client.close()  # the row stays 'streaming' as if the process had died
     with sqlite3.connect(db_path) as raw:
