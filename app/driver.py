@@ -26,9 +26,6 @@ from providers.base import (
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 8.0
-# Moving the deadline timer is a heap operation; doing it per token cost ~8% of the relay's
-# CPU at full speed, so it moves only when off by more than this (seconds).
-RESCHEDULE_SLACK = 0.01
 # A Retry-After longer than this is not worth holding the user for: fail (or fall back).
 MAX_RETRY_AFTER = 30.0
 
@@ -43,19 +40,54 @@ class Target:
 
 
 class _Timeouts:
-    """First-token, idle and total deadlines folded into one asyncio.Timeout."""
+    """First-token, idle and total deadlines, watched by one timer that moves lazily.
+
+    Moving a timer per token is a heap operation each (5% of the server's CPU at 10,000
+    slow streams). Instead each event only records the time (`seen`); the timer is armed
+    for the earliest possible deadline and, when it fires, re-arms itself for the real
+    one if events came meanwhile, so it moves about once per idle_timeout. On expiry it
+    cancels the streaming task, as asyncio.timeout does, and `expired()` tells that
+    cancellation apart from any other.
+    """
 
     def __init__(self, s: ProviderSettings) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.s = s
-        self.start = loop.time()
+        self.start = self.last = loop.time()
         self.total_deadline = self.start + s.total_timeout
         self.first = True
+        self.task = asyncio.current_task()
+        assert self.task is not None
+        self._cancelling = self.task.cancelling()
+        self._fired = False
+        self._handle = loop.call_at(self.deadline(), self._check)
 
-    def next_deadline(self) -> float:
-        wait = self.s.first_token_timeout if self.first else self.s.idle_timeout
-        return min(self.loop.time() + wait, self.total_deadline)
+    def deadline(self) -> float:
+        if self.first:
+            return min(self.start + self.s.first_token_timeout, self.total_deadline)
+        return min(self.last + self.s.idle_timeout, self.total_deadline)
+
+    def seen(self, now: float) -> None:
+        """An event arrived (`now` is the loop's time)."""
+        self.last = now
+
+    def _check(self) -> None:
+        deadline = self.deadline()
+        if self.loop.time() < deadline:
+            self._handle = self.loop.call_at(deadline, self._check)
+            return
+        self._fired = True
+        assert self.task is not None
+        self.task.cancel()
+
+    def expired(self) -> bool:
+        """Whether the cancellation being handled is this timer's (and consume it)."""
+        assert self.task is not None
+        return self._fired and self.task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        self._handle.cancel()
 
     def error(self) -> ProviderError:
         if self.loop.time() >= self.total_deadline - 0.001:
@@ -85,43 +117,44 @@ async def _stream_once(
     mid = run.message_id
     content = run.content
     publish = run.publish
+    clock = timeouts.loop.time
     try:
-        # next_deadline() is a loop time, so timeout_at (asyncio.timeout takes a delay)
-        async with asyncio.timeout_at(timeouts.next_deadline()) as cm:
-            agen = target.provider.stream(messages, target.model, options)
-            async with aclosing(agen):  # type: ignore[type-var]
-                async for ev in agen:
-                    if type(ev) is TextDelta:
-                        if not ev.text:
-                            continue
-                        now = time.monotonic()
-                        if timeouts.first:
-                            timeouts.first = False
-                            run.first_token_at = now
-                        if last is not None and on_gap is not None:
-                            on_gap(now - last)  # inter-token latency metric
-                        last = now
-                        content.append(ev.text)
-                        run.text_events += 1
-                        publish({"type": "chunk", "message_id": mid, "content": ev.text})
-                    elif type(ev) is ReasoningDelta:
-                        if timeouts.first:
-                            timeouts.first = False
-                            run.first_token_at = time.monotonic()
-                        run.reasoning.append(ev.text)
-                        publish({"type": "reasoning", "message_id": mid, "content": ev.text})
-                    elif type(ev) is Usage:
-                        run.usage = {
-                            "prompt_tokens": ev.prompt_tokens,
-                            "completion_tokens": ev.completion_tokens,
-                        }
-                    elif type(ev) is Finish:
-                        run.finish_reason = ev.reason
-                    deadline = timeouts.next_deadline()
-                    if abs(deadline - (cm.when() or deadline)) > RESCHEDULE_SLACK:
-                        cm.reschedule(deadline)
-    except TimeoutError as exc:
-        raise timeouts.error() from exc
+        agen = target.provider.stream(messages, target.model, options)
+        async with aclosing(agen):  # type: ignore[type-var]
+            async for ev in agen:
+                now = clock()
+                timeouts.seen(now)
+                if type(ev) is TextDelta:
+                    if not ev.text:
+                        continue
+                    if timeouts.first:
+                        timeouts.first = False
+                        run.first_token_at = time.monotonic()
+                    if last is not None and on_gap is not None:
+                        on_gap(now - last)  # inter-token latency metric
+                    last = now
+                    content.append(ev.text)
+                    run.text_events += 1
+                    publish({"type": "chunk", "message_id": mid, "content": ev.text})
+                elif type(ev) is ReasoningDelta:
+                    if timeouts.first:
+                        timeouts.first = False
+                        run.first_token_at = time.monotonic()
+                    run.reasoning.append(ev.text)
+                    publish({"type": "reasoning", "message_id": mid, "content": ev.text})
+                elif type(ev) is Usage:
+                    run.usage = {
+                        "prompt_tokens": ev.prompt_tokens,
+                        "completion_tokens": ev.completion_tokens,
+                    }
+                elif type(ev) is Finish:
+                    run.finish_reason = ev.reason
+    except asyncio.CancelledError:
+        if timeouts.expired():
+            raise timeouts.error() from None
+        raise
+    finally:
+        timeouts.close()
 
 
 def _backoff(attempt: int, err: ProviderError) -> float:

@@ -209,6 +209,19 @@ async def test_stall_mid_stream_keeps_partial(upstream: Upstream, start: Any) ->
     assert answer["error"]["code"] == "timeout"
 
 
+async def test_steady_tokens_outlast_the_idle_timeout(upstream: Upstream, start: Any) -> None:
+    """The idle deadline moves with every token: an answer longer than it is not cut."""
+    _, fake, _ = upstream
+    words = tuple(f"w{i} " for i in range(12))
+    fake.enqueue(Plan(text=words, delay=0.05))  # 12 tokens 0.05 s apart: ~0.6 s in all
+    client = await start(idle_timeout=0.2, first_token_timeout=0.2, retries=0)
+    cid, events = await send(client)
+    end = terminal(events)
+    assert end["type"] == "end" and end["status"] == "complete", end
+    assert text_of(events) == "".join(words)
+    assert (await saved_answer(client, cid))["content"] == "".join(words)
+
+
 async def test_connection_reset_mid_stream_keeps_partial(upstream: Upstream, start: Any) -> None:
     kind, fake, _ = upstream
     fake.enqueue(Plan(reset_after=2, delay=0.01))
