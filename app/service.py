@@ -8,9 +8,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from app.driver import Target, drive
 from app.errors import ApiError, not_found
@@ -22,13 +22,16 @@ from app.store import ConversationNotFound, NothingToAnswer, Store, new_id
 from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TITLE_LENGTH = 60
 CONTINUABLE = ("interrupted", "cancelled", "failed")
-# Finished runs stay in memory this long so a reconnecting client resumes exactly.
 # Finished runs stay in memory (exact resume for clients that were attached) this long,
 # and at most this many: past that a resume replays the saved message (events.replay_finished).
 # Bounded by count too, or a busy server's memory would track its run rate.
+# The flusher writes at most this many live answers a second (its tick stretches beyond
+# streaming.flush_interval past that): 500 answers every 250 ms.
+FLUSH_ROWS_PER_S = 2000
 RETAIN_FINISHED = 60.0
 MAX_RETAINED = 256
 
@@ -43,6 +46,18 @@ class SendRequest:
     options: GenerateOptions = field(default_factory=GenerateOptions)
     client_message_id: str | None = None
     request_id: str | None = None
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # nobody may be waiting for it any more: no "never retrieved"
+
+
+async def _uncancelled(coro: Coroutine[Any, Any, T]) -> T:
+    """Await `coro` in its own task that cancelling the caller does not cancel."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_consume)
+    return await asyncio.shield(task)
 
 
 class ChatService:
@@ -183,7 +198,15 @@ class ChatService:
         round trip waits for the busy event loop, and they add up to the first token.
         A retried send with the same client_message_id returns the existing run.
         Raises ApiError 409 while another run of the conversation is live.
+
+        Not cancelled with the request: once the message is saved its run starts even if
+        the client left meanwhile (it can resume), never leaving an answer stuck.
         """
+        return await _uncancelled(self._start(user_id, conversation, req))
+
+    async def _start(
+        self, user_id: str, conversation: Mapping[str, Any] | str, req: SendRequest
+    ) -> tuple[Run, bool]:
         cid = conversation if isinstance(conversation, str) else conversation["id"]
         live = self.live_by_conversation.get(cid)
         if (
@@ -261,7 +284,13 @@ class ChatService:
         """Carry on an interrupted, cancelled or failed answer, appending to the same message.
 
         The new run's events carry only the new text; its `start` says `continued: true`.
+        Not cancelled with the request, as `start`.
         """
+        return await _uncancelled(self._continue(user_id, conversation, mid, req))
+
+    async def _continue(
+        self, user_id: str, conversation: Mapping[str, Any], mid: str, req: SendRequest
+    ) -> Run:
         if not self.accepting:
             raise ApiError(
                 503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
@@ -567,13 +596,18 @@ class ChatService:
         """While runs are live, write every changed one at most once per flush_interval.
 
         One executemany per tick for all runs: the write count depends on time, never
-        on the number of tokens.
+        on the number of tokens. Under load the tick stretches so that at most
+        FLUSH_ROWS_PER_S rows are written a second: with thousands of slow streams
+        each tick would otherwise rewrite nearly every live answer for one token each
+        (a fifth of the server's CPU at 6,000 streams of 1 token/s, docs/performance.md).
         """
+        interval = self.settings.flush_interval
         while True:
             await self._live_event.wait()
-            await asyncio.sleep(self.settings.flush_interval)
+            await asyncio.sleep(interval)
             if not self.live_by_conversation:
                 self._live_event.clear()
+                interval = self.settings.flush_interval
                 continue
             batch = [
                 (r, r.last_seq)
@@ -581,8 +615,10 @@ class ChatService:
                 if r.last_seq != r.flushed_seq and not r.done
             ]
             if not batch:
+                interval = self.settings.flush_interval
                 continue
             rows = [(r.text(), r.reasoning_text(), r.message_id) for r, _ in batch]
+            interval = max(self.settings.flush_interval, len(rows) / FLUSH_ROWS_PER_S)
             t0 = time.monotonic()
             try:
                 await self.store.flush_contents(rows)

@@ -50,7 +50,14 @@ async def _respond(
         # a write blocked this long aborts the connection (aiohttp-sse does the abort)
         send_timeout=settings.send_timeout,
     )
-    await resp.prepare(request)
+    # A client that left while its run was starting: the run goes on (resumable) and the
+    # response ends as aiohttp-sse ends one whose client is gone, not as a server error.
+    if request.transport is None or request.transport.is_closing():
+        raise asyncio.CancelledError
+    try:
+        await resp.prepare(request)
+    except ConnectionResetError:
+        raise asyncio.CancelledError from None
     try:
         async for batch in batches:
             if len(batch) > settings.subscriber_lag_limit:

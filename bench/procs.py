@@ -44,8 +44,13 @@ def free_port() -> int:
 
 
 def pin(cpus: Sequence[int], pid: int = 0) -> None:
-    """Restrict a process (0: this one) to `cpus`, ignoring cores that do not exist."""
-    available = os.sched_getaffinity(0) if pid == 0 else set(range(os.cpu_count() or 1))
+    """Restrict a process (0: this one) to `cpus`, ignoring cores that do not exist.
+
+    Checked against the machine's cores, not the caller's affinity: a child starts with
+    its parent's, and the load generator pins itself to the client core before it starts
+    the server (checking against that put the server on the client core too).
+    """
+    available = set(range(os.cpu_count() or 1))
     wanted = {c for c in cpus if c in available} or available
     os.sched_setaffinity(pid, wanted)
 

@@ -90,6 +90,7 @@ class Bench:
         self.server_cpus = [] if args.no_pin else [args.server_cpu]
         self.client_cpus = [] if args.no_pin else [args.client_cpu]
         self.results: dict[str, Any] = {}
+        self.cores: dict[str, list[int]] = {}
         self.counter = 0
         self.level_name = ""
         self.generation = 0  # server processes started after the first
@@ -453,6 +454,7 @@ class Bench:
             self.server = await procs.start_server(
                 self.config, self.port, self.server_cpus, self.tmp
             )
+            self.note_cores()
             try:
                 return await self._levels(args)
             finally:
@@ -463,6 +465,17 @@ class Bench:
             for name in os.listdir(self.tmp):  # keep the logs next to the results
                 if name.endswith(".log"):
                     shutil.copy(os.path.join(self.tmp, name), args.out)
+
+    def note_cores(self) -> None:
+        """Record the cores each process really runs on (read back, not assumed)."""
+        self.cores = {
+            "server": sorted(os.sched_getaffinity(self.server.pid)),
+            "upstream": sorted(os.sched_getaffinity(self.upstream.pid)),
+            "loadgen": sorted(os.sched_getaffinity(0)),
+        }
+        shared = set(self.cores["server"]) & set(self.cores["loadgen"])
+        if self.server_cpus and self.client_cpus and shared:
+            raise RuntimeError(f"the server shares cores {sorted(shared)} with the load generator")
 
     async def fresh_server(self, local: bool = False) -> None:
         """Replace the server with a new process on a new database (a clean RSS baseline).
@@ -482,6 +495,8 @@ class Bench:
             wait=180.0,
             name=f"server{self.generation}",
         )
+        if not local:
+            self.note_cores()
         await self.sc.close()
         self.sc = _session()
         if not local:
@@ -590,8 +605,9 @@ def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
         f"Run {res['started']} · `{res['command']}` · {m['nproc']} cores, {m['cpu']} · "
-        f"Python {m['python']} · server on core {m['server_cpu']}, upstream + load "
-        f"generator on core {m['client_cpu']}",
+        f"Python {m['python']} · cores (read from each process's affinity): server "
+        f"{m['cores']['server']}, upstream {m['cores']['upstream']}, load generator "
+        f"{m['cores']['loadgen']}",
         "",
         "| target | measured | goal | holds |",
         "|---|---|---|---|",
@@ -724,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             "server_cpu": None if args.no_pin else args.server_cpu,
             "client_cpu": None if args.no_pin else args.client_cpu,
             "fd_limit": bench.fd_limit,
+            "cores": bench.cores,
         },
     )
     res["headline"] = headline(res)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
+
+_BUFFERS: weakref.WeakKeyDictionary[ClientResponse, bytearray] = weakref.WeakKeyDictionary()
 
 
 async def new_conversation(client: TestClient[Any, Any], **fields: Any) -> str:
@@ -31,14 +34,22 @@ def parse_frames(raw: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 async def iter_events(resp: ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """Yield SSE events as they arrive."""
-    buf = b""
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        while b"\n\n" in buf:
-            frame, buf = buf.split(b"\n\n", 1)
-            for _, ev in parse_frames(frame.decode() + "\n\n"):
+    """Yield SSE events as they arrive.
+
+    Bytes read past the last event taken stay with the response, so a reader that
+    stops early (read_events with a limit) and reads again later misses nothing.
+    """
+    buf = _BUFFERS.setdefault(resp, bytearray())
+    while True:
+        while (end := buf.find(b"\n\n")) >= 0:
+            frame = bytes(buf[: end + 2])
+            del buf[: end + 2]
+            for _, ev in parse_frames(frame.decode()):
                 yield ev
+        chunk = await resp.content.readany()
+        if not chunk:
+            return
+        buf += chunk
 
 
 async def read_events(resp: ClientResponse, limit: int | None = None) -> list[dict[str, Any]]:
@@ -54,3 +65,12 @@ async def read_events(resp: ClientResponse, limit: int | None = None) -> list[di
 def text_of(events: list[dict[str, Any]]) -> str:
     """The concatenated chunk contents."""
     return "".join(e["content"] for e in events if e["type"] == "chunk")
+
+
+class ProductionServer(TestServer):
+    """A TestServer that, like web.run_app, does not cancel a handler when its client leaves
+    (aiohttp's TestServer does), so disconnects are tested the way they happen in production."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
+        kwargs["handler_cancellation"] = False
+        return web.AppRunner(self.app, **kwargs)

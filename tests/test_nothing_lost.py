@@ -8,10 +8,12 @@ import socket
 import sqlite3
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from app import lifecycle
-from app.keys import SERVICE
+from app import service as service_module
+from app.keys import METRICS, SERVICE
 from providers.base import ProviderError
 from tests.fakes import ScriptedProvider, words
 from tests.helpers import new_conversation, read_events, text_of
@@ -283,3 +285,37 @@ async def test_cancel_landing_during_the_final_save_does_not_hang_the_run(
     await ws.close()
     msg = (await _conv(client, cid))["messages"][1]
     assert msg["content"] == "all done" and msg["status"] == "complete"
+
+
+@pytest.mark.parametrize("budget", [3, 2000])
+async def test_flushes_stretch_under_load_and_still_save(
+    aiohttp_client: Any,
+    make_app: Any,
+    fake: ScriptedProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    budget: int,
+) -> None:
+    """Three answers streaming for ~2 s with a 0.05 s flush interval: with a budget of 3
+    answers a second the ticks stretch to 1 s (a few writes, not ~40), and the partial
+    text still reaches the database while the answers stream."""
+    monkeypatch.setattr(service_module, "FLUSH_ROWS_PER_S", budget)
+    client = await aiohttp_client(make_app(streaming={"flush_interval": 0.05}))
+    registry = client.app[METRICS].registry
+    cids = [await new_conversation(client) for _ in range(3)]
+    for _ in cids:
+        fake.enqueue(words(TEXT, delay=0.05))
+    resps = [
+        await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "q"})
+        for cid in cids
+    ]
+    assert [r.status for r in resps] == [200] * 3, [await r.text() for r in resps]
+    await asyncio.sleep(1.5)
+    partial = [(await _conv(client, cid))["messages"][1]["content"] for cid in cids]
+    assert all(TEXT.startswith(p) and p for p in partial)  # saved mid-stream, in order
+    flushes = registry.get_sample_value("streamchat_db_flush_seconds_count")
+    for resp in resps:
+        assert text_of(await read_events(resp)) == TEXT
+    if budget == 3:
+        assert flushes is not None and 1 <= flushes <= 3
+    else:
+        assert flushes is not None and flushes >= 10

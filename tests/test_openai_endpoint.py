@@ -31,6 +31,7 @@ from app.settings import (
 from providers.base import ProviderError
 from tests.conftest import make_settings
 from tests.fakes import ScriptedProvider, words
+from tests.helpers import ProductionServer
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -49,15 +50,6 @@ GONE = ProviderSettings(
 def other() -> ScriptedProvider:
     """A second scripted provider, `other`."""
     return ScriptedProvider(name="other", models=("o-1",))
-
-
-class ProductionServer(TestServer):
-    """A TestServer that, like web.run_app, does not cancel a handler when its client leaves
-    (aiohttp's TestServer does), so disconnects are tested the way they happen in production."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
-        kwargs["handler_cancellation"] = False
-        return web.AppRunner(self.app, **kwargs)
 
 
 @pytest.fixture

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
+import struct
+from collections.abc import Callable
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from tests.fakes import ScriptedProvider, words
-from tests.helpers import new_conversation, parse_frames, read_events, text_of
+from tests.helpers import ProductionServer, new_conversation, parse_frames, read_events, text_of
 
 TEXT = " ".join(f"tok{i}" for i in range(30))
 
@@ -154,3 +160,39 @@ async def test_streaming_disabled_is_503_but_blocking_send_works(
     assert (await ok.json())["message"]["content"] == "You said: x"
     conv = await (await client.get(f"/api/v1/conversations/{cid}")).json()
     assert len(conv["messages"]) == 2  # the refused stream stored nothing
+
+
+@pytest.mark.parametrize("cancels_handler", [False, True], ids=["production", "cancelling"])
+async def test_client_gone_before_the_answer_starts_is_no_error(
+    make_app: Callable[..., web.Application],
+    fake: ScriptedProvider,
+    caplog: pytest.LogCaptureFixture,
+    cancels_handler: bool,
+) -> None:
+    """A client that sends and resets at once: its run still answers and saves, and nothing
+    is logged as an error (at 10,000 streams, clients that gave up did exactly this). With
+    handler cancellation (aiohttp's TestServer) the start is cancelled mid-write; without
+    (web.run_app) the response's headers meet a closed transport."""
+    fake.enqueue([("text", "still "), ("text", "here"), ("finish", "stop")])
+    server = TestServer(make_app()) if cancels_handler else ProductionServer(make_app())
+    async with TestClient(server) as client:
+        cid = await new_conversation(client)
+        body = json.dumps({"content": "hi"}).encode()
+        head = (
+            f"POST /api/v1/conversations/{cid}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock = socket.create_connection(("127.0.0.1", client.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(head + body)
+        sock.close()  # RST: gone before the handler could send headers
+        messages: list[dict[str, Any]] = []
+        for _ in range(200):  # bounded: 10 s
+            resp = await client.get(f"/api/v1/conversations/{cid}")
+            messages = (await resp.json())["messages"]
+            if len(messages) == 2 and messages[1]["status"] == "complete":
+                break
+            await asyncio.sleep(0.05)
+        assert [m["content"] for m in messages] == ["hi", "still here"]
+        assert [m["status"] for m in messages] == ["complete", "complete"]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
