@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_timeout=5.0,
         # aiohttp's default accept queue (128) overflows when thousands of clients
         # (re)connect at once; the kernel caps this at net.core.somaxconn
-        backlog=1024,
+        backlog=4096,
     )
     return 0
 

@@ -117,7 +117,9 @@ class AnthropicProvider:
         if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
             return timed_out(self.name)
         if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
-            return connection_failed(self.name, mid_stream=mid_stream)
+            return connection_failed(
+                self.name, mid_stream=mid_stream, cause=exc, secrets=self._secrets
+            )
         log.warning("unexpected %s from %s", type(exc).__name__, self.name)
         return unexpected(self.name)
 

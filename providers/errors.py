@@ -9,11 +9,14 @@ from anything quoted from upstream.
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
 import time
 from collections.abc import Mapping
 
 from providers.base import ProviderError
+
+log = logging.getLogger(__name__)
 
 # What the user reads, per code. {provider} and {model} are always known; {detail} is the
 # upstream's own (scrubbed, shortened) wording where it helps the user fix the request.
@@ -226,8 +229,38 @@ def from_status(
     )
 
 
-def connection_failed(provider: str, *, mid_stream: bool = False) -> ProviderError:
-    """The upstream could not be reached, or dropped the connection."""
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception an SDK's connection error wraps (the socket's own error)."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
+def connection_failed(
+    provider: str,
+    *,
+    mid_stream: bool = False,
+    cause: BaseException | None = None,
+    secrets: tuple[str, ...] = (),
+) -> ProviderError:
+    """The upstream could not be reached, or dropped the connection.
+
+    The client gets the stable message; the operator's log gets what really happened
+    (refused, reset, out of ports, ...), scrubbed of the provider's keys.
+    """
+    if cause is not None:
+        root = _root_cause(cause)
+        log.warning(
+            "%s: connection %s: %s: %s",
+            provider,
+            "dropped mid-answer" if mid_stream else "failed",
+            type(root).__name__,
+            scrub(str(root), secrets)[:300],
+        )
     template = DROPPED_DURING if mid_stream else DROPPED_BEFORE
     return ProviderError("upstream_unavailable", template.format(provider=provider))
 

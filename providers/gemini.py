@@ -166,9 +166,13 @@ class GeminiProvider:
         if isinstance(exc, TimeoutError | httpx2.TimeoutException):
             return timed_out(self.name)
         if isinstance(exc, aiohttp.ClientError | httpx2.TransportError | OSError):
-            return connection_failed(self.name, mid_stream=mid_stream)
+            return connection_failed(
+                self.name, mid_stream=mid_stream, cause=exc, secrets=self._secrets
+            )
         if isinstance(exc, genai_errors.UnknownApiResponseError):
-            return connection_failed(self.name, mid_stream=mid_stream)
+            return connection_failed(
+                self.name, mid_stream=mid_stream, cause=exc, secrets=self._secrets
+            )
         log.warning("unexpected %s from %s", type(exc).__name__, self.name)
         return unexpected(self.name)
 

@@ -156,7 +156,9 @@ class OpenAICompatProvider:
         if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException) and _timed_out(exc):
             return timed_out(self.name)
         if isinstance(exc, openai.APIConnectionError | httpx2.TransportError):
-            return connection_failed(self.name, mid_stream=mid_stream)
+            return connection_failed(
+                self.name, mid_stream=mid_stream, cause=exc, secrets=self._secrets
+            )
         if isinstance(exc, openai.APIError):
             # an {"error": ...} object inside the 200 stream
             msg, etype = _error_fields({"error": exc.body})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -131,7 +132,9 @@ async def test_status_errors_map_to_codes(
     assert info.value.code == code
 
 
-async def test_connection_refused_is_upstream_unavailable(unused_tcp_port: int) -> None:
+async def test_connection_refused_is_upstream_unavailable(
+    unused_tcp_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
     p = build(provider_settings(OPENAI, f"http://127.0.0.1:{unused_tcp_port}/"))
     try:
         with pytest.raises(ProviderError) as info:
@@ -140,6 +143,11 @@ async def test_connection_refused_is_upstream_unavailable(unused_tcp_port: int) 
         await p.aclose()
     assert info.value.code == "upstream_unavailable"
     assert info.value.message == "Could not reach openai."
+    # the operator's log says what happened underneath, without the key
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("openai: connection failed: ") for m in logged), logged
+    assert any("refused" in m.lower() or "Connect call failed" in m for m in logged), logged
+    assert OPENAI.key not in caplog.text
 
 
 # -- DeepSeek: the OpenAI-compatible adapter with reasoning_content ----------------------
