@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import resource
 import sys
 
 from aiohttp import web
@@ -34,6 +35,25 @@ async def _tune_gc(app: web.Application) -> None:
     gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
 
 
+def _raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard one; return the limit in force.
+
+    Every relayed stream holds two sockets (the client's and the provider's), and many
+    systems start processes with a soft limit of 1,024: about 500 streams. The hard limit
+    is the administrator's ceiling; going up to it needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # an unlimited hard limit: the kernel's usual ceiling for one process (fs.nr_open)
+    ceiling = 1_048_576 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < ceiling:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+            soft = ceiling
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start streamchat (or run an admin command); returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -59,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
+    open_files = _raise_open_files_limit()
+    logging.getLogger("streamchat").info(
+        "open files limit %d: room for about %d concurrent streams", open_files, open_files // 2
+    )
     app = create_app(settings, handle_signals=True)
     app.on_startup.append(_tune_gc)
     print(f"streamchat on http://{settings.host}:{settings.port}", flush=True)

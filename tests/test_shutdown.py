@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,27 @@ async def test_sigterm_drains_then_interrupts_and_exits_zero(tmp_path: Path) -> 
         assert content == streamed and expected_text(sid, 400).startswith(content)
         assert content  # something was generated and kept
     assert "streaming" not in {r.split("|", 1)[0] for r in rows.values()}
+
+
+async def test_server_raises_its_open_files_limit(tmp_path: Path) -> None:
+    """Started with a soft limit of 512 open files (about 250 streams), the server raises it
+    to the hard limit, which needs no privilege, and says so in its log."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 512:
+        pytest.skip(f"this machine's hard limit ({hard}) leaves nothing to raise")
+    server = ServerProcess(tmp_path, upstream_config("http://127.0.0.1:9/v1"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # the child inherits it
+    try:
+        server.spawn()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        await server.wait_healthy()
+        with open(f"/proc/{server.pid}/limits") as fh:  # noqa: ASYNC230 - a /proc read
+            limits = fh.read()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        want = "1048576" if hard == resource.RLIM_INFINITY else str(hard)  # run.py ceiling
+        assert row.split()[3] == want, row
+        assert "open files limit" in server.log_tail()
+    finally:
+        server.stop()
