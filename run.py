@@ -28,11 +28,11 @@ async def _tune_gc(app: web.Application) -> None:
     3,000 streams, docs/performance.md). Streams free their objects by reference
     counting, so collecting young objects every 10,000 allocations instead of 700 leaves
     only the rare reference cycle waiting. The older generations keep CPython's ratios:
-    collecting them less often let a 10-minute soak grow 12% (bench soak level).
+    collecting them less often let a 10-minute soak (`make soak`) grow 12%.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], GC_THRESHOLDS[2])
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _raise_open_files_limit() -> int:

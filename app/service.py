@@ -26,12 +26,12 @@ T = TypeVar("T")
 
 TITLE_LENGTH = 60
 CONTINUABLE = ("interrupted", "cancelled", "failed")
-# Finished runs stay in memory (exact resume for clients that were attached) this long,
-# and at most this many: past that a resume replays the saved message (events.replay_finished).
-# Bounded by count too, or a busy server's memory would track its run rate.
 # The flusher writes at most this many live answers a second (its tick stretches beyond
 # streaming.flush_interval past that): 500 answers every 250 ms.
 FLUSH_ROWS_PER_S = 2000
+# Finished runs stay in memory (exact resume for clients that were attached) this long,
+# and at most this many: past that a resume replays the saved message (events.replay_finished).
+# Bounded by count too, or a busy server's memory would track its run rate.
 RETAIN_FINISHED = 60.0
 MAX_RETAINED = 256
 
@@ -216,10 +216,7 @@ class ChatService:
             and live.user_id == user_id
         ):
             return live, False  # a retried send while its answer is being generated
-        if not self.accepting:
-            raise ApiError(
-                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
-            )
+        self._check_accepting()
         if req.provider:
             self.resolve(req.provider, req.model)  # a bad choice is a 400 before anything
 
@@ -291,10 +288,7 @@ class ChatService:
     async def _continue(
         self, user_id: str, conversation: Mapping[str, Any], mid: str, req: SendRequest
     ) -> Run:
-        if not self.accepting:
-            raise ApiError(
-                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
-            )
+        self._check_accepting()
         cid = conversation["id"]
         self._reserve(cid, user_id)
         ticket = None
@@ -347,10 +341,7 @@ class ChatService:
         options: GenerateOptions,
     ) -> Run:
         """Start a run that is not stored (the OpenAI-compatible stateless mode)."""
-        if not self.accepting:
-            raise ApiError(
-                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
-            )
+        self._check_accepting()
         name, model = self.resolve(provider, model)
         ticket = self.limiter.admit(user_id, None, options)
         run = Run(
@@ -366,6 +357,12 @@ class ChatService:
             run, ticket.guard(run, self._chain(name, model)), messages, ticket.options, None
         )
         return run
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise ApiError(
+                503, "shutdown", "The server is shutting down; try again shortly.", retryable=True
+            )
 
     def _reserve(self, cid: str, user_id: str) -> None:
         # Another user's conversation is a 404 here too (not a 409 naming its live run);

@@ -162,10 +162,10 @@ class Bench:
         peak_open = 0
         all_open_rss = 0  # RSS when the most streams were open (all of them, normally)
         pid = self.server.pid if target == "streamchat" else self.upstream.pid
-        open_at_rss = [0]
+        open_at_rss = 0  # how many were open at that reading
 
         def streaming(_: StreamResult) -> None:
-            nonlocal open_now, peak_open, all_open_rss
+            nonlocal open_now, peak_open, all_open_rss, open_at_rss
             open_now += 1
             if open_now > peak_open:
                 peak_open = open_now
@@ -173,7 +173,7 @@ class Bench:
                 # still measures its peak (reading /proc per stream would cost the client)
                 if peak_open == concurrency or peak_open % max(1, concurrency // 100) == 0:
                     all_open_rss = procs.rss_kb(pid)
-                    open_at_rss[0] = peak_open
+                    open_at_rss = peak_open
 
         if target == "streamchat":
             cids = await self.conversations(total)
@@ -238,7 +238,7 @@ class Bench:
         )
         if all_open_rss:
             out["rss_all_open_kb"] = all_open_rss
-            out["open_at_rss"] = open_at_rss[0]
+            out["open_at_rss"] = open_at_rss
         if out["tokens"]:
             out["server_cpu_s_per_1m_tokens"] = round(srv.cpu / out["tokens"] * 1e6, 2)
         return out
