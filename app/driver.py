@@ -114,9 +114,7 @@ async def _stream_once(
     """Stream one attempt into the run; raises ProviderError on failure."""
     timeouts = _Timeouts(target.settings)
     last: float | None = None  # when the previous text delta came (for on_gap)
-    mid = run.message_id
-    content = run.content
-    publish = run.publish
+    publish_text = run.publish_text
     clock = timeouts.loop.time
     try:
         agen = target.provider.stream(messages, target.model, options)
@@ -133,15 +131,13 @@ async def _stream_once(
                     if last is not None and on_gap is not None:
                         on_gap(now - last)  # inter-token latency metric
                     last = now
-                    content.append(ev.text)
                     run.text_events += 1
-                    publish({"type": "chunk", "message_id": mid, "content": ev.text})
+                    publish_text(ev.text)
                 elif type(ev) is ReasoningDelta:
                     if timeouts.first:
                         timeouts.first = False
                         run.first_token_at = time.monotonic()
-                    run.reasoning.append(ev.text)
-                    publish({"type": "reasoning", "message_id": mid, "content": ev.text})
+                    run.publish_reasoning(ev.text)
                 elif type(ev) is Usage:
                     run.usage = {
                         "prompt_tokens": ev.prompt_tokens,

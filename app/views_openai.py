@@ -175,7 +175,7 @@ async def _complete(
         finished.cancel()
     if not run.done:
         return web.Response(status=204)  # nobody is listening any more
-    end = orjson.loads(run.events[-1])
+    end = orjson.loads(run.last_event())
     if end["type"] == "error":
         raise upstream_error(end, headers)
     body = completion(
