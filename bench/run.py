@@ -100,6 +100,8 @@ class Bench:
         self.sc: aiohttp.ClientSession  # to streamchat
         self.dc: aiohttp.ClientSession  # to the upstream directly
         self.server: procs.Proc
+        self.bare: procs.Proc  # bench.bare_relay, during the scale level
+        self.bare_base = ""
         self.upstream: procs.Proc
         self.settle = 0.1 if args.quick else 0.5  # seconds of quiet before each measurement
 
@@ -108,12 +110,13 @@ class Bench:
         self.counter += 1
         return StreamSpec(f"s{self.counter}", tokens, pace_ms)
 
-    async def conversations(self, n: int) -> list[str]:
+    async def conversations(self, n: int, base: str | None = None) -> list[str]:
         """Create n conversations (setup, not measured)."""
         out: list[str] = []
+        base = base or self.base
 
         async def make(_: int) -> None:
-            async with self.sc.post(f"{self.base}/api/v1/conversations", json={}) as resp:
+            async with self.sc.post(f"{base}/api/v1/conversations", json={}) as resp:
                 if resp.status != 201:
                     raise RuntimeError(f"create conversation: {resp.status} {await resp.text()}")
                 out.append((await resp.json())["id"])
@@ -159,12 +162,18 @@ class Bench:
         max_starting: int | None,
         ramp_s: float = 0.0,
     ) -> dict[str, Any]:
-        """Run `total` streams against one target, sampling the process that serves them."""
+        """Run `total` streams against one target, sampling the process that serves them.
+
+        Targets: "direct" (the upstream), "streamchat", "bare" (bench.bare_relay: the
+        least that aiohttp and the openai SDK hold per relayed stream, when it runs).
+        """
         specs = [self.spec(tokens, pace_ms) for _ in range(total)]
         open_now = 0
         peak_open = 0
         all_open_rss = 0  # RSS when the most streams were open (all of them, normally)
-        pid = self.server.pid if target == "streamchat" else self.upstream.pid
+        relay = self.bare if target == "bare" else self.server  # the process in between
+        base = self.bare_base if target == "bare" else self.base
+        pid = self.upstream.pid if target == "direct" else relay.pid
         open_at_rss = 0  # how many were open at that reading
 
         def streaming(_: StreamResult) -> None:
@@ -178,13 +187,13 @@ class Bench:
                     all_open_rss = procs.rss_kb(pid)
                     open_at_rss = peak_open
 
-        if target == "streamchat":
-            cids = await self.conversations(total)
+        if target != "direct":
+            cids = await self.conversations(total, base)
 
             async def one(i: int, on_open: loadgen.OnToken) -> StreamResult:
                 nonlocal open_now
                 res = await loadgen.sse_stream(
-                    self.sc, self.base, cids[i], specs[i], on_first=streaming, on_open=on_open
+                    self.sc, base, cids[i], specs[i], on_first=streaming, on_open=on_open
                 )
                 if res.ttft is not None:
                     open_now -= 1  # it counted as streaming from its first token to its end
@@ -212,7 +221,7 @@ class Bench:
         own0 = os.times()
         try:
             with (
-                procs.Sampler(self.server.pid) as srv,
+                procs.Sampler(relay.pid) as srv,
                 procs.Sampler(self.upstream.pid) as ups,
             ):
                 results, wall = await loadgen.run_streams(
@@ -225,7 +234,7 @@ class Bench:
         async with self.dc.get(f"{self.up_base}/_bench/stats") as resp:
             up_stats = await resp.json()
         out = summarize(results, wall, up_stats)
-        served = srv if target == "streamchat" else ups
+        served = ups if target == "direct" else srv
         out.update(
             server_cpu_s=round(srv.cpu, 3),
             server_cpu_util=round(srv.cpu / wall, 3) if wall else None,
@@ -284,7 +293,35 @@ class Bench:
             # at most this many connecting at once (the server's accept backlog is 1024)
             max_starting=1000,
         )
-        for target in ("direct", "streamchat"):
+        # The floor, in the same conditions: aiohttp and the openai SDK relaying with
+        # nothing else (no runs, database, auth, resumes). streamchat is idle meanwhile.
+        port = procs.free_port()
+        self.bare = procs.Proc(
+            "bare_relay",
+            [
+                sys.executable,
+                "-m",
+                "bench.bare_relay",
+                "--port",
+                str(port),
+                "--upstream",
+                f"{self.up_base}/v1",
+            ],
+            self.server_cpus,
+            self.tmp,
+        )
+        self.bare.start()
+        try:
+            self.bare.read_line(b"port ")
+            self.bare_base = f"http://127.0.0.1:{port}"
+            await self.one_target("bare", 4, 20, 16, 0, 60, None)  # warm, as the server
+            level["bare"] = await self.one_target(
+                "bare", s.scale_c, s.scale_c, s.scale_tokens, 1000, s.scale_tokens + 420, 1000
+            )
+            print(f"  scale bare: {_brief(level['bare'])}", flush=True)
+        finally:
+            self.bare.stop()
+        for target in ("direct", "streamchat", "bare"):
             t = level[target]
             if t.get("rss_all_open_kb"):
                 t["rss_per_open_stream_kb"] = round(
@@ -597,6 +634,10 @@ def headline(res: dict[str, Any]) -> dict[str, float | None]:
         out["scale_peak_open"] = float(sc["peak_open"])
         out["scale_not_open_at_once"] = float(sc["streams"] - sc["peak_open"])
         out["rss_per_open_stream_kb"] = sc.get("rss_per_open_stream_kb")
+        if "bare" in lv["scale"]:
+            out["bare_relay_rss_per_open_stream_kb"] = lv["scale"]["bare"].get(
+                "rss_per_open_stream_kb"
+            )
     lo = lv.get("local", {})
     if "streamchat_1" in lo:
         one, four = lo["streamchat_1"]["tokens_per_s"], lo["streamchat_4"]["tokens_per_s"]
@@ -661,10 +702,16 @@ def markdown(res: dict[str, Any]) -> str:
             f"{level['tokens_per_stream']} tokens, upstream pace {level['pace_ms']:g} ms/token"
             + (f", first starts spread over {level['ramp_s']:g} s" if level["ramp_s"] else ""),
             "",
-            "| | direct | streamchat |",
-            "|---|---|---|",
         ]
-        d, s = level["direct"], level["streamchat"]
+        sides = [level["direct"], level["streamchat"]]
+        if "bare" in level:  # the scale level's floor
+            sides.append(level["bare"])
+            lines += [
+                "| | direct | streamchat | bare relay (aiohttp + openai SDK only) |",
+                "|---|---|---|---|",
+            ]
+        else:
+            lines += ["| | direct | streamchat |", "|---|---|---|"]
         rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
             ("ok / streams", lambda t: f"{t['ok']} / {t['streams']}"),
             ("tokens/s", lambda t: t["tokens_per_s"]),
@@ -688,8 +735,8 @@ def markdown(res: dict[str, Any]) -> str:
                 ("server CPU s per 1M tokens", lambda t: t.get("server_cpu_s_per_1m_tokens"))
             )
         for label, get in rows:
-            lines.append(f"| {label} | {get(d)} | {get(s)} |")
-        errs = {**d["errors"], **s["errors"]}
+            lines.append("| " + " | ".join([label, *(str(get(t)) for t in sides)]) + " |")
+        errs = {k: v for t in sides for k, v in t["errors"].items()}
         if errs:
             lines.append(f"\nerrors: `{errs}`")
     return "\n".join(lines) + "\n"

@@ -21,9 +21,13 @@ def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> Non
             "--quick",
             "--no-pin",
             "--levels",
-            "ttft,throughput,cancel",
+            "ttft,throughput,cancel,scale",
             "--size",
             "ttft_n=5",
+            "--size",
+            "scale_c=20",
+            "--size",
+            "scale_tokens=2",
             "--size",
             "tput_n=12",
             "--size",
@@ -33,8 +37,12 @@ def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> Non
         ]
     )
     res = json.loads((out / "bench.json").read_text())
-    for name in ("ttft", "throughput"):
-        for target in ("direct", "streamchat"):
+    for name, targets in (
+        ("ttft", ("direct", "streamchat")),
+        ("throughput", ("direct", "streamchat")),
+        ("scale", ("direct", "streamchat", "bare")),  # bare: the aiohttp + SDK floor
+    ):
+        for target in targets:
             level = res["levels"][name][target]
             assert level["failed"] == 0 and level["ok"] == level["streams"] > 0, (name, level)
             assert level["tokens"] == level["ok"] * res["levels"][name]["tokens_per_stream"]
@@ -47,9 +55,14 @@ def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> Non
         assert cancel["ok"] == 2 and cancel["errors"] == [], (mode, cancel)
         assert 0 < cancel["p50_ms"] < 1000
     assert res["idle_rss_kb"] > 10_000
+    for target in ("streamchat", "bare"):  # memory read while all 20 streams were open
+        scale = res["levels"]["scale"][target]
+        assert scale["peak_open"] == 20 and scale["rss_per_open_stream_kb"] is not None
+    assert res["headline"]["scale_not_open_at_once"] == 0
     assert set(res["targets"]) >= {"relay_tokens_per_s", "cancel_ws_max_ms"}
     md = (out / "bench.md").read_text()
     assert "| relay_tokens_per_s |" in md and "**throughput**" in md
+    assert "| bare relay (aiohttp + openai SDK only) |" in md
 
 
 def test_spec_round_trips_through_its_prompt() -> None:
