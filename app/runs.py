@@ -143,37 +143,33 @@ class Run:
         """Append an event (assigning its seq) and wake every waiting subscriber."""
         if self.done:
             raise RuntimeError("run already ended")
-        seq = len(self._kinds) + 1
-        event["seq"] = seq
+        seq = event["seq"] = len(self._kinds) + 1
         self._kinds.append(_STORED)
-        self._spans.append(len(self._stored))
-        self._spans.append(0)
+        self._spans.extend((len(self._stored), 0))
         self._stored.append(encode(event))
-        if event["type"] in TERMINAL:
-            self.done = True
+        self.done = event["type"] in TERMINAL
         self._wake()
         return seq
 
     def publish_text(self, text: str) -> int:
         """Append a piece of the answer and its `chunk` event."""
         start = self._text_len
-        self._text_len = end = start + len(text)
+        self._text_len += len(text)
         self.content.append(text)
-        return self._publish_span(_CHUNK, start, end)
+        return self._publish_span(_CHUNK, start, self._text_len)
 
     def publish_reasoning(self, text: str) -> int:
         """Append a piece of the reasoning and its `reasoning` event."""
         start = self._reasoning_len
-        self._reasoning_len = end = start + len(text)
+        self._reasoning_len += len(text)
         self.reasoning.append(text)
-        return self._publish_span(_REASONING, start, end)
+        return self._publish_span(_REASONING, start, self._reasoning_len)
 
     def _publish_span(self, kind: int, start: int, end: int) -> int:
         if self.done:
             raise RuntimeError("run already ended")
         self._kinds.append(kind)
-        self._spans.append(start)
-        self._spans.append(end)
+        self._spans.extend((start, end))
         self._wake()
         return len(self._kinds)
 
@@ -181,8 +177,9 @@ class Run:
         """(seq, json) of the events after `after` up to `end` (default: the newest)."""
         end = len(self._kinds) if end is None else end
         kinds, spans, stored = self._kinds, self._spans, self._stored
-        text = self.text() if _CHUNK in kinds[after:end] else ""
-        reasoning = self.reasoning_text() if _REASONING in kinds[after:end] else ""
+        wanted = kinds[after:end]
+        text = self.text() if _CHUNK in wanted else ""
+        reasoning = self.reasoning_text() if _REASONING in wanted else ""
         mid = self.message_id
         out = []
         for seq in range(after + 1, end + 1):

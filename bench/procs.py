@@ -154,6 +154,24 @@ def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[P
     return proc, port
 
 
+def start_bare_relay(cpus: Sequence[int], log_dir: str, upstream: str) -> tuple[Proc, str]:
+    """Start bench.bare_relay in front of `upstream` (its …/v1 URL); return it and its URL."""
+    port = free_port()
+    proc = Proc(
+        "bare_relay",
+        [sys.executable, "-m", "bench.bare_relay", "--port", str(port), "--upstream", upstream],
+        cpus,
+        log_dir,
+    )
+    proc.start()
+    try:
+        proc.read_line(b"port ")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def server_config(path: str, port: int, upstream_port: int, db: str, local: bool = False) -> None:
     """Write a TOML config: one OpenAI-compatible provider at the fake upstream.
 

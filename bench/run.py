@@ -295,25 +295,10 @@ class Bench:
         )
         # The floor, in the same conditions: aiohttp and the openai SDK relaying with
         # nothing else (no runs, database, auth, resumes). streamchat is idle meanwhile.
-        port = procs.free_port()
-        self.bare = procs.Proc(
-            "bare_relay",
-            [
-                sys.executable,
-                "-m",
-                "bench.bare_relay",
-                "--port",
-                str(port),
-                "--upstream",
-                f"{self.up_base}/v1",
-            ],
-            self.server_cpus,
-            self.tmp,
+        self.bare, self.bare_base = procs.start_bare_relay(
+            self.server_cpus, self.tmp, f"{self.up_base}/v1"
         )
-        self.bare.start()
         try:
-            self.bare.read_line(b"port ")
-            self.bare_base = f"http://127.0.0.1:{port}"
             await self.one_target("bare", 4, 20, 16, 0, 60, None)  # warm, as the server
             level["bare"] = await self.one_target(
                 "bare", s.scale_c, s.scale_c, s.scale_tokens, 1000, s.scale_tokens + 420, 1000
