@@ -42,10 +42,10 @@ class Sizes:
     scale_c: int
     scale_tokens: int
     cancel_n: int
-    local_n: int  # streams at 1 concurrent (twice as many at 4) per side of the local level
+    local_n: int  # rounds of the local level: a batch of 1, then of 4, streams per side each
 
 
-FULL = Sizes(300, 32, 1500, 100, 1000, 10_000, 180, 40, 6)
+FULL = Sizes(300, 32, 1500, 100, 1000, 10_000, 180, 40, 10)
 QUICK = Sizes(20, 8, 40, 20, 40, 200, 4, 5, 1)
 LOCAL_MAX_TOKENS = 128
 LOCAL_PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -318,17 +318,24 @@ class Bench:
         """The local model: tokens/s of xllamacpp alone vs through streamchat, 1 and 4 streams.
 
         Both sides use every core and the same runtime settings (LocalRuntime with the
-        default [local] settings), answers capped at LOCAL_MAX_TOKENS. Text is not checked
+        default [local] settings), answers capped at LOCAL_MAX_TOKENS. Both are loaded at
+        once and their batches alternate (alone, streamchat, streamchat, alone, ...), so a
+        drift in the shared machine's speed falls on both sides alike. Text is not checked
         (a real model's), only that every stream ends complete.
         """
         n = self.sizes.local_n
         alone = procs.Proc("llama", [sys.executable, "-m", "bench.llama_alone"], [], self.tmp)
         alone.start()
+        # a new connection per request: llama.cpp's server may close an idle one just
+        # as it is reused, which is not what this level measures
+        fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         try:
             line = alone.read_line(b"", timeout=120)
             if not line.startswith("address "):
                 return {"skipped": line}
             base = line.split(" ", 1)[1]
+            await self.fresh_server(local=True)
+            cids = iter(await self.conversations(2 + 5 * n))
 
             async def direct(i: int, on_open: loadgen.OnToken) -> StreamResult:
                 return await loadgen.direct_stream(
@@ -340,43 +347,33 @@ class Bench:
                     check=False,
                 )
 
-            out: dict[str, Any] = {"max_tokens": LOCAL_MAX_TOKENS}
-            # a new connection per request: llama.cpp's server may close an idle one just
-            # as it is reused, which is not what this level measures
-            fresh = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
-            try:
-                await loadgen.run_streams(direct, 1, 1, 120)  # warm-up
-                for c in (1, 4):
-                    res, wall = await loadgen.run_streams(direct, c, n * c, 600)
-                    out[f"alone_{c}"] = summarize(res, wall)
-            finally:
-                await fresh.close()
+            async def relayed(i: int, on_open: loadgen.OnToken) -> StreamResult:
+                return await loadgen.sse_stream(
+                    self.sc,
+                    self.base,
+                    next(cids),
+                    StreamSpec("local", 0, text=LOCAL_PROMPT),
+                    on_open=on_open,
+                    options={"max_tokens": LOCAL_MAX_TOKENS},
+                    check=False,
+                )
+
+            sides = {"alone": direct, "streamchat": relayed}
+            for one in sides.values():
+                await loadgen.run_streams(one, 1, 1, 120)  # warm-up
+            out: dict[str, Any] = {"max_tokens": LOCAL_MAX_TOKENS, "rounds": n}
+            for c in (1, 4):
+                runs: dict[str, tuple[list[StreamResult], float]] = {k: ([], 0.0) for k in sides}
+                for r in range(n):
+                    for name in list(sides)[:: 1 if r % 2 == 0 else -1]:
+                        res, wall = await loadgen.run_streams(sides[name], c, c, 600)
+                        got, total = runs[name]
+                        runs[name] = (got + res, total + wall)
+                for name, (res, wall) in runs.items():
+                    out[f"{name}_{c}"] = summarize(res, wall)
         finally:
+            await fresh.close()
             alone.stop()
-        await self.fresh_server(local=True)
-        cids = await self.conversations(1 + 5 * n)
-
-        async def relayed(i: int, on_open: loadgen.OnToken) -> StreamResult:
-            return await loadgen.sse_stream(
-                self.sc,
-                self.base,
-                cids[i],
-                StreamSpec("local", 0, text=LOCAL_PROMPT),
-                on_open=on_open,
-                options={"max_tokens": LOCAL_MAX_TOKENS},
-                check=False,
-            )
-
-        await loadgen.run_streams(relayed, 1, 1, 120)
-        offset = 1
-        for c in (1, 4):
-
-            async def shifted(i: int, on_open: loadgen.OnToken, o: int = offset) -> StreamResult:
-                return await relayed(o + i, on_open)
-
-            res, wall = await loadgen.run_streams(shifted, c, n * c, 600)
-            offset += n * c
-            out[f"streamchat_{c}"] = summarize(res, wall)
         for key in ("alone_1", "alone_4", "streamchat_1", "streamchat_4"):
             print(f"  local {key}: {_brief_local(out[key])}", flush=True)
         return out
