@@ -3,66 +3,54 @@
 Hand-written to match app/validate.py (and views_openai's parser) field for field:
 unknown fields are rejected, a null field counts as absent, strings refuse NUL
 characters. Limits that come from settings (message length, providers) are filled in
-from the running app's configuration.
+from the running app's configuration. The JSON Schemas live in app/openapi_schemas.py.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from aiohttp import web
 
 from app import validate
 from app.keys import PROVIDERS, SETTINGS
+from app.openapi_schemas import (
+    ID,
+    Schema,
+    completion_schema,
+    component_schemas,
+    conversation_schema,
+    ref,
+    regenerate_schema,
+    send_schema,
+    session_schema,
+)
 from app.settings import Settings
 
 routes = web.RouteTableDef()
 
-NO_NUL = "^[^\\u0000]*$"
-NOT_BLANK = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"  # some non-space character, no NUL
-ID = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
 JSON = "application/json"
 SSE = "text/event-stream"
-Schema = dict[str, Any]
-
-
-def _s(max_len: int, *, nullable: bool = True, pattern: str = NO_NUL) -> Schema:
-    return {
-        "type": ["string", "null"] if nullable else "string",
-        "maxLength": max_len,
-        "pattern": pattern,
-    }
-
-
-def _num(lo: float, hi: float, *, integer: bool = False) -> Schema:
-    return {"type": ["integer" if integer else "number", "null"], "minimum": lo, "maximum": hi}
-
-
-def _obj(props: Schema, required: tuple[str, ...] = (), **extra: Any) -> Schema:
-    out: Schema = {"type": "object", "properties": props, "additionalProperties": False}
-    if required:
-        out["required"] = list(required)
-    out.update(extra)
-    return out
-
-
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+CID = {"name": "cid", "in": "path", "required": True, "schema": ID}
+MID = {"name": "mid", "in": "path", "required": True, "schema": ID}
+RUN_ERRORS = (400, 401, 403, 404, 409, 413, 415, 429, 503)  # what starting an answer may answer
 
 
 def _body(schema: Schema, *, required: bool = True) -> Schema:
+    """A JSON request body with this schema."""
     return {"required": required, "content": {JSON: {"schema": schema}}}
 
 
 def _json(description: str, schema: Schema | None = None) -> Schema:
+    """A JSON response with this schema (any JSON when None)."""
     return {"description": description, "content": {JSON: {"schema": schema or {}}}}
 
 
 def _errors(*statuses: int) -> Schema:
+    """Responses for these error statuses, each a reference to components.responses."""
     return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
 
 
 def _sse(description: str) -> Schema:
+    """A text/event-stream response carrying an answer's events."""
     return {
         "description": description
         + " Frames are `id: <seq>` and `data: <event JSON>` (start, chunk, reasoning, "
@@ -71,106 +59,9 @@ def _sse(description: str) -> Schema:
     }
 
 
-CID = {"name": "cid", "in": "path", "required": True, "schema": ID}
-MID = {"name": "mid", "in": "path", "required": True, "schema": ID}
-
-
-def _send_schema(max_content: int, providers: list[str]) -> Schema:
-    return _obj(
-        {
-            "content": _s(max_content, nullable=False, pattern=NOT_BLANK),
-            "provider": {**_s(100), "enum": [*providers, None]},
-            "model": _s(200),
-            "options": _ref("Options"),
-            "client_message_id": _s(100),
-        },
-        ("content",),
-    )
-
-
-def _regenerate_schema(providers: list[str]) -> Schema:
-    return _obj(
-        {
-            "provider": {**_s(100), "enum": [*providers, None]},
-            "model": _s(200),
-            "options": _ref("Options"),
-            "request_id": _s(100),
-        }
-    )
-
-
-def _conversation_schema(providers: list[str], *, patch: bool) -> Schema:
-    props = {
-        "title": _s(validate.MAX_TITLE),
-        "provider": {**_s(100), "enum": [*providers, None]},
-        "model": _s(200),
-        "system_prompt": _s(validate.MAX_SYSTEM),
-    }
-    if not patch:
-        return _obj(props)
-    # PATCH needs at least one field that is not null
-    any_of = [{"required": [k], "properties": {k: {"type": "string"}}} for k in props]
-    return _obj(props, anyOf=any_of)
-
-
-def _completion_schema() -> Schema:
-    part = _obj({"type": {"const": "text"}, "text": {"type": "string"}}, ("type", "text"))
-    message = {
-        "type": "object",
-        "required": ["role"],
-        "properties": {
-            "role": {"enum": ["system", "developer", "user", "assistant"]},
-            "content": {
-                "anyOf": [
-                    {"type": "string", "maxLength": validate.MAX_CONTENT, "pattern": NO_NUL},
-                    {"type": "array", "items": part},
-                ]
-            },
-        },
-    }
-    return _obj(
-        {
-            "model": {"type": "string", "maxLength": 300, "pattern": "\\S"},
-            "messages": {"type": "array", "minItems": 1, "maxItems": 1000, "items": message},
-            "stream": {"type": ["boolean", "null"]},
-            "stream_options": {
-                "type": ["object", "null"],
-                "properties": {"include_usage": {"type": ["boolean", "null"]}},
-                "additionalProperties": False,
-                "description": "Only with stream: true.",
-            },
-            "max_tokens": _num(1, 1_000_000, integer=True),
-            "max_completion_tokens": _num(1, 1_000_000, integer=True),
-            "temperature": _num(0, 2),
-            "top_p": _num(0, 1),
-            "stop": {
-                "anyOf": [
-                    {"type": "null"},
-                    {"type": "string", "minLength": 1},
-                    {
-                        "type": "array",
-                        "maxItems": 4,
-                        "items": {"type": "string", "minLength": 1},
-                    },
-                ]
-            },
-            "seed": _num(-(2**63), 2**63 - 1, integer=True),
-            "user": {"type": ["string", "null"], "maxLength": 256},
-        },
-        ("model", "messages"),
-    )
-
-
-def document(settings: Settings, providers: list[str]) -> Schema:
-    """The OpenAPI document for this server's settings and available providers."""
-    max_content = validate.MAX_CONTENT
-    if settings.limits.defaults.max_message_chars:
-        max_content = min(max_content, settings.limits.defaults.max_message_chars)
-    send = _body(_send_schema(max_content, providers))
-    regen = _body(_regenerate_schema(providers), required=False)
-    run_errors = _errors(400, 401, 403, 404, 409, 413, 415, 429, 503)
-    conv = _ref("Conversation")
-    paths: Schema = {
+def _public_paths() -> Schema:
+    """Liveness and this document, both without auth."""
+    return {
         "/api/v1/healthz": {
             "get": {
                 "summary": "Liveness (no auth)",
@@ -185,18 +76,19 @@ def document(settings: Settings, providers: list[str]) -> Schema:
                 "responses": {"200": _json("The OpenAPI document", {"type": "object"})},
             }
         },
+    }
+
+
+def _session_paths() -> Schema:
+    """Sign in with an API key, ask who is signed in, sign out."""
+    return {
         "/api/v1/session": {
             "post": {
                 "summary": "Sign in with an API key: sets the session cookie (no auth)",
                 "security": [],
-                "requestBody": _body(
-                    _obj(
-                        {"key": _s(validate.MAX_KEY, nullable=False, pattern=NOT_BLANK)},
-                        ("key",),
-                    )
-                ),
+                "requestBody": _body(session_schema()),
                 "responses": {
-                    "200": _json("Signed in; Set-Cookie: streamchat_session", _ref("Session")),
+                    "200": _json("Signed in; Set-Cookie: streamchat_session", ref("Session")),
                     **_errors(400, 401, 403, 413, 415),
                 },
             },
@@ -210,27 +102,35 @@ def document(settings: Settings, providers: list[str]) -> Schema:
                 "responses": {"204": {"description": "Signed out"}, **_errors(403)},
             },
         },
+    }
+
+
+def _provider_paths() -> Schema:
+    """The list of configured providers."""
+    return {
         "/api/v1/providers": {
             "get": {
                 "summary": "Configured providers, available or not",
                 "responses": {"200": _json("Providers", {"type": "object"}), **_errors(401)},
             }
         },
+    }
+
+
+def _conversation_paths(providers: list[str]) -> Schema:
+    """List, create, read, change and delete conversations."""
+    conv = ref("Conversation")
+    limit = {"type": "integer", "minimum": 1, "maximum": 200}
+    offset = {"type": "integer", "minimum": 0, "maximum": 10**9}
+    page = [
+        {"name": "limit", "in": "query", "schema": limit},
+        {"name": "offset", "in": "query", "schema": offset},
+    ]
+    return {
         "/api/v1/conversations": {
             "get": {
                 "summary": "The caller's conversations, newest first",
-                "parameters": [
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                    },
-                    {
-                        "name": "offset",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": 10**9},
-                    },
-                ],
+                "parameters": page,
                 "responses": {
                     "200": _json("A page of conversations", {"type": "object"}),
                     **_errors(400, 401),
@@ -238,11 +138,8 @@ def document(settings: Settings, providers: list[str]) -> Schema:
             },
             "post": {
                 "summary": "Create a conversation",
-                "requestBody": _body(_conversation_schema(providers, patch=False)),
-                "responses": {
-                    "201": _json("Created", conv),
-                    **_errors(400, 401, 403, 413, 415),
-                },
+                "requestBody": _body(conversation_schema(providers, patch=False)),
+                "responses": {"201": _json("Created", conv), **_errors(400, 401, 403, 413, 415)},
             },
         },
         "/api/v1/conversations/{cid}": {
@@ -253,7 +150,7 @@ def document(settings: Settings, providers: list[str]) -> Schema:
             },
             "patch": {
                 "summary": "Rename, or change provider, model or system prompt",
-                "requestBody": _body(_conversation_schema(providers, patch=True)),
+                "requestBody": _body(conversation_schema(providers, patch=True)),
                 "responses": {
                     "200": _json("Updated", conv),
                     **_errors(400, 401, 403, 404, 413, 415),
@@ -264,12 +161,18 @@ def document(settings: Settings, providers: list[str]) -> Schema:
                 "responses": {"204": {"description": "Deleted"}, **_errors(401, 403, 404)},
             },
         },
+    }
+
+
+def _answer_paths(send: Schema, regen: Schema) -> Schema:
+    """Start an answer in a conversation: send (streamed or not) or regenerate."""
+    return {
         "/api/v1/conversations/{cid}/stream": {
             "parameters": [CID],
             "post": {
                 "summary": "Send a message and stream the answer (SSE)",
                 "requestBody": send,
-                "responses": {"200": _sse("The answer's events."), **run_errors},
+                "responses": {"200": _sse("The answer's events."), **_errors(*RUN_ERRORS)},
             },
         },
         "/api/v1/conversations/{cid}/regenerate": {
@@ -277,7 +180,7 @@ def document(settings: Settings, providers: list[str]) -> Schema:
             "post": {
                 "summary": "Replace the last answer, streamed (SSE)",
                 "requestBody": regen,
-                "responses": {"200": _sse("The new answer's events."), **run_errors},
+                "responses": {"200": _sse("The new answer's events."), **_errors(*RUN_ERRORS)},
             },
         },
         "/api/v1/conversations/{cid}/messages": {
@@ -285,9 +188,22 @@ def document(settings: Settings, providers: list[str]) -> Schema:
             "post": {
                 "summary": "Send a message and wait for the whole answer (no streaming)",
                 "requestBody": send,
-                "responses": {"200": _json("The answer", {"type": "object"}), **run_errors},
+                "responses": {
+                    "200": _json("The answer", {"type": "object"}),
+                    **_errors(*RUN_ERRORS),
+                },
             },
         },
+    }
+
+
+def _message_paths(regen: Schema) -> Schema:
+    """One message: delete it, resume its events, cancel it, continue it."""
+    after = [
+        {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+        {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}},
+    ]
+    return {
         "/api/v1/conversations/{cid}/messages/{mid}": {
             "parameters": [CID, MID],
             "delete": {
@@ -299,14 +215,7 @@ def document(settings: Settings, providers: list[str]) -> Schema:
             "parameters": [CID, MID],
             "get": {
                 "summary": "Resume an answer's events after Last-Event-ID or ?after= (SSE)",
-                "parameters": [
-                    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                    {
-                        "name": "Last-Event-ID",
-                        "in": "header",
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
-                ],
+                "parameters": after,
                 "responses": {"200": _sse("Events after the given seq."), **_errors(400, 401, 404)},
             },
         },
@@ -325,9 +234,15 @@ def document(settings: Settings, providers: list[str]) -> Schema:
             "post": {
                 "summary": "Continue an interrupted, stopped or failed answer (SSE)",
                 "requestBody": regen,
-                "responses": {"200": _sse("The continuation's events."), **run_errors},
+                "responses": {"200": _sse("The continuation's events."), **_errors(*RUN_ERRORS)},
             },
         },
+    }
+
+
+def _websocket_paths() -> Schema:
+    """The WebSocket upgrade at /ws."""
+    return {
         "/ws": {
             "get": {
                 "summary": "WebSocket upgrade (ops: send, cancel, resume, regenerate, continue, "
@@ -338,6 +253,19 @@ def document(settings: Settings, providers: list[str]) -> Schema:
                 },
             }
         },
+    }
+
+
+def _openai_paths() -> Schema:
+    """The OpenAI-compatible endpoints under /v1: models and chat completions."""
+    model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    conversation = {
+        "name": "X-Conversation-Id",
+        "in": "header",
+        "description": "Store the exchange: a conversation id, or `new`.",
+        "schema": {"type": "string"},
+    }
+    return {
         "/v1/models": {
             "get": {
                 "summary": "OpenAI-compatible model list",
@@ -347,36 +275,31 @@ def document(settings: Settings, providers: list[str]) -> Schema:
         "/v1/models/{model}": {
             "get": {
                 "summary": "One model (OpenAI-compatible)",
-                "parameters": [
-                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
+                "parameters": [model],
                 "responses": {"200": _json("The model", {"type": "object"}), **_errors(401, 404)},
             }
         },
         "/v1/chat/completions": {
             "post": {
                 "summary": "OpenAI-compatible chat completions, streaming or not",
-                "parameters": [
-                    {
-                        "name": "X-Conversation-Id",
-                        "in": "header",
-                        "description": "Store the exchange: a conversation id, or `new`.",
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "requestBody": _body(_completion_schema()),
+                "parameters": [conversation],
+                "requestBody": _body(completion_schema()),
                 "responses": {
                     "200": {
                         "description": "A chat.completion, or chat.completion.chunk SSE frames",
                         "content": {JSON: {"schema": {"type": "object"}}, SSE: {}},
                     },
-                    **run_errors,
+                    **_errors(*RUN_ERRORS),
                 },
             }
         },
     }
-    if settings.metrics.enabled:
-        paths["/metrics"] = {
+
+
+def _metrics_paths() -> Schema:
+    """The Prometheus endpoint /metrics (only when metrics are enabled)."""
+    return {
+        "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (its own bearer token if metrics.token_env is "
                 "set, else an API key in auth.mode = api_key)",
@@ -389,37 +312,55 @@ def document(settings: Settings, providers: list[str]) -> Schema:
                     **_errors(401),
                 },
             }
-        }
-    error_schema = _obj(
-        {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string"},
-                    "message": {"type": "string"},
-                    "field": {"type": "string"},
-                    "retry_after": {"type": "integer"},
-                    "limit": {"type": "string"},
-                },
-            }
         },
-        ("error",),
-    )
-    responses = {
-        f"E{s}": {"description": d, "content": {JSON: {"schema": _ref("Error")}}}
-        for s, d in (
-            (400, "Bad request"),
-            (401, "Unauthorized (WWW-Authenticate: Bearer)"),
-            (403, "Forbidden"),
-            (404, "Not found"),
-            (409, "Conflict"),
-            (413, "Too large"),
-            (415, "Unsupported media type"),
-            (429, "Too many requests (Retry-After header)"),
-            (503, "Unavailable"),
-        )
     }
+
+
+def _components() -> Schema:
+    """Security schemes, named schemas and the shared error responses."""
+    statuses = (
+        (400, "Bad request"),
+        (401, "Unauthorized (WWW-Authenticate: Bearer)"),
+        (403, "Forbidden"),
+        (404, "Not found"),
+        (409, "Conflict"),
+        (413, "Too large"),
+        (415, "Unsupported media type"),
+        (429, "Too many requests (Retry-After header)"),
+        (503, "Unavailable"),
+    )
+    return {
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "cookie": {"type": "apiKey", "in": "cookie", "name": "streamchat_session"},
+        },
+        "schemas": component_schemas(),
+        "responses": {
+            f"E{s}": {"description": d, "content": {JSON: {"schema": ref("Error")}}}
+            for s, d in statuses
+        },
+    }
+
+
+def document(settings: Settings, providers: list[str]) -> Schema:
+    """The OpenAPI document for this server's settings and available providers."""
+    max_content = validate.MAX_CONTENT
+    if settings.limits.defaults.max_message_chars:
+        max_content = min(max_content, settings.limits.defaults.max_message_chars)
+    send = _body(send_schema(max_content, providers))
+    regen = _body(regenerate_schema(providers), required=False)
+    paths: Schema = {
+        **_public_paths(),
+        **_session_paths(),
+        **_provider_paths(),
+        **_conversation_paths(providers),
+        **_answer_paths(send, regen),
+        **_message_paths(regen),
+        **_websocket_paths(),
+        **_openai_paths(),
+    }
+    if settings.metrics.enabled:
+        paths.update(_metrics_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -432,50 +373,7 @@ def document(settings: Settings, providers: list[str]) -> Schema:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"cookie": []}],
         "paths": paths,
-        "components": {
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "cookie": {"type": "apiKey", "in": "cookie", "name": "streamchat_session"},
-            },
-            "schemas": {
-                "Options": {
-                    "type": ["object", "null"],
-                    "properties": {
-                        "temperature": _num(0, 2),
-                        "max_tokens": {
-                            **_num(1, 1_000_000, integer=True),
-                            "description": "Above the server's cap it is lowered, and a "
-                            "`status` event with state `clamped` says so.",
-                        },
-                        "top_p": _num(0, 1),
-                    },
-                    "additionalProperties": False,
-                },
-                "Conversation": {
-                    "type": "object",
-                    "required": ["id", "title", "created_at", "updated_at"],
-                    "properties": {
-                        "id": ID,
-                        "title": {"type": "string"},
-                        "provider": {"type": ["string", "null"]},
-                        "model": {"type": ["string", "null"]},
-                        "system_prompt": {"type": "string"},
-                        "created_at": {"type": "number"},
-                        "updated_at": {"type": "number"},
-                    },
-                },
-                "Session": {
-                    "type": "object",
-                    "properties": {
-                        "user_id": {"type": "string"},
-                        "mode": {"enum": ["none", "api_key"]},
-                        "expires_at": {"type": ["number", "null"]},
-                    },
-                },
-                "Error": error_schema,
-            },
-            "responses": responses,
-        },
+        "components": _components(),
     }
 
 

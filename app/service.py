@@ -8,14 +8,17 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from app.driver import Target, drive
 from app.errors import ApiError, not_found
+from app.flusher import Flusher
 from app.limits import UNLIMITED, Limiter
 from app.metrics import Metrics
+from app.outcome import measure, terminal_event
+from app.prompt import build_prompt
 from app.runs import Run
 from app.settings import ProviderSettings, StreamingSettings
 from app.store import ConversationNotFound, NothingToAnswer, Store, new_id
@@ -26,9 +29,6 @@ T = TypeVar("T")
 
 TITLE_LENGTH = 60
 CONTINUABLE = ("interrupted", "cancelled", "failed")
-# The flusher writes at most this many live answers a second (its tick stretches beyond
-# streaming.flush_interval past that): 500 answers every 250 ms.
-FLUSH_ROWS_PER_S = 2000
 # Finished runs stay in memory (exact resume for clients that were attached) this long,
 # and at most this many: past that a resume replays the saved message (events.replay_finished).
 # Bounded by count too, or a busy server's memory would track its run rate.
@@ -86,16 +86,16 @@ class ChatService:
         self.runs: dict[str, Run] = {}  # live and recently finished, by message id
         self._retained: collections.OrderedDict[str, Run] = collections.OrderedDict()
         self._reserved: dict[str, str] = {}  # conversation id -> user id, while starting
-        self._live_event = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self.flush_failures = 0
+        self.flusher = Flusher(
+            store, self.metrics, self.live_by_conversation, settings.flush_interval
+        )
         self.accepting = True
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start_background(self) -> None:
         """Start the single flusher task that batches all live runs' writes."""
-        self._flusher = asyncio.create_task(self._flush_loop(), name="streamchat-flusher")
+        self.flusher.start()
 
     async def drain(self, grace: float) -> int:
         """Stop accepting runs, give live ones `grace` seconds, then interrupt the rest.
@@ -123,10 +123,7 @@ class ChatService:
     async def close(self) -> None:
         """Interrupt whatever is still live and stop the flusher."""
         await self.drain(0)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await self.flusher.stop()
 
     # -- choosing a provider -----------------------------------------------------------
 
@@ -152,31 +149,6 @@ class ChatService:
             if p is not None and p.info.available and fb != name:
                 chain.append(Target(p, self.provider_settings[fb], p.info.default_model))
         return chain
-
-    # -- history -----------------------------------------------------------------------
-
-    def build_prompt(
-        self, conversation: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
-    ) -> list[ChatMessage]:
-        """System prompt plus the newest history that fits the budget (oldest dropped)."""
-        budget = self.settings.history_budget
-        picked: list[ChatMessage] = []
-        used = 0
-        for msg in reversed(history):
-            if msg["role"] == "assistant" and (msg["status"] == "streaming" or not msg["content"]):
-                continue
-            cost = len(msg["content"])
-            if picked and used + cost > budget:
-                break
-            picked.append(ChatMessage(msg["role"], msg["content"]))
-            used += cost
-        picked.reverse()
-        # a prompt must not begin with an assistant turn
-        while picked and picked[0].role == "assistant":
-            picked.pop(0)
-        if conversation.get("system_prompt"):
-            picked.insert(0, ChatMessage("system", conversation["system_prompt"]))
-        return picked
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -258,7 +230,9 @@ class ChatService:
                     message_id=existing["id"],
                     message_status=existing["status"],
                 )
-            messages = self.build_prompt(exchange.conversation, exchange.history)
+            messages = build_prompt(
+                exchange.conversation, exchange.history, self.settings.history_budget
+            )
             run = Run(
                 conversation_id=cid,
                 message_id=exchange.message_id,
@@ -313,7 +287,7 @@ class ChatService:
                 req.model or (message["model"] if not req.provider else None),
             )
             await self.store.reopen_message(mid, name, model)
-            messages = self.build_prompt(conversation, history[:index])
+            messages = build_prompt(conversation, history[:index], self.settings.history_budget)
             options = dataclasses.replace(ticket.options, prefill=message["content"] or None)
             run = Run(
                 conversation_id=cid,
@@ -408,7 +382,7 @@ class ChatService:
         if run.persist:
             self.live_by_conversation[run.conversation_id] = run
         self.runs[run.message_id] = run
-        self._live_event.set()
+        self.flusher.wake()
         run.task = asyncio.create_task(
             self._run(run, chain, messages, options), name=f"run-{run.message_id}"
         )
@@ -479,68 +453,33 @@ class ChatService:
         )
 
     async def _finish(self, run: Run, status: str, error: ProviderError | None) -> None:
-        now = time.monotonic()
-        ttft_ms = tokens_per_s = None
-        if run.first_token_at is not None:
-            ttft_ms = (run.first_token_at - run.started_at) * 1000
-            gen = now - run.first_token_at
-            completion = run.usage["completion_tokens"] or run.text_events
-            if gen > 0 and completion:
-                tokens_per_s = completion / gen
-        if run.usage["completion_tokens"] is None and run.text_events:
-            run.usage["completion_tokens"] = run.text_events
-        duration_ms = (now - run.started_at) * 1000
-        content, reasoning = run.text(), run.reasoning_text()
+        outcome = measure(run, status, error)
         try:
             if run.persist:
                 await self.store.finish_message(
                     run.message_id,
                     provider=run.provider,
                     model=run.model,
-                    content=content,
-                    reasoning=reasoning,
+                    content=run.text(),
+                    reasoning=run.reasoning_text(),
                     status=status,
                     finish_reason=run.finish_reason if status == "complete" else None,
                     prompt_tokens=run.usage["prompt_tokens"],
                     completion_tokens=run.usage["completion_tokens"],
                     error_code=error.code if error else None,
                     error_message=error.message if error else None,
-                    ttft_ms=ttft_ms,
-                    tokens_per_s=tokens_per_s,
-                    duration_ms=duration_ms,
+                    **outcome.metrics(),
                 )
         except Exception:
             log.exception("could not save the final state of message %s", run.message_id)
-            status = "failed"
             error = ProviderError("internal", "The answer could not be saved.")
-        run.final_status = status
+            outcome = dataclasses.replace(outcome, status="failed", error=error)
+        run.final_status = outcome.status
         self.limiter.finished(run)
-        self.metrics.run_finished(run, status, ttft_ms)
-        metrics = {"ttft_ms": ttft_ms, "tokens_per_s": tokens_per_s, "duration_ms": duration_ms}
-        if error is None:
-            run.publish(
-                {
-                    "type": "end",
-                    "message_id": run.message_id,
-                    "status": status,
-                    "finish_reason": run.finish_reason if status == "complete" else "cancelled",
-                    "usage": dict(run.usage),
-                    "metrics": metrics,
-                }
-            )
-        else:
-            run.error = {"code": error.code, "message": error.message}
-            event: dict[str, Any] = {
-                "type": "error",
-                "message_id": run.message_id,
-                "code": error.code,
-                "message": error.message,
-                "retryable": error.retryable,
-                "status": status,
-            }
-            if error.retry_after is not None:
-                event["retry_after"] = error.retry_after
-            run.publish(event)
+        self.metrics.run_finished(run, outcome.status, outcome.ttft_ms)
+        if outcome.error is not None:
+            run.error = {"code": outcome.error.code, "message": outcome.error.message}
+        run.publish(terminal_event(run, outcome))
         if self.live_by_conversation.get(run.conversation_id) is run:
             del self.live_by_conversation[run.conversation_id]
         run.mark_finished()
@@ -553,10 +492,10 @@ class ChatService:
             run.conversation_id,
             run.provider,
             run.model,
-            status,
-            f"{ttft_ms:.0f}" if ttft_ms is not None else "-",
+            outcome.status,
+            f"{outcome.ttft_ms:.0f}" if outcome.ttft_ms is not None else "-",
             run.usage["completion_tokens"],
-            duration_ms,
+            outcome.duration_ms,
         )
 
     def _evict_finished(self) -> None:
@@ -586,44 +525,3 @@ class ChatService:
             self.metrics.cancel_requested(run.message_id)
             if run.task is not None:
                 run.task.cancel()
-
-    # -- persistence -------------------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        """While runs are live, write every changed one at most once per flush_interval.
-
-        One executemany per tick for all runs: the write count depends on time, never
-        on the number of tokens. Under load the tick stretches so that at most
-        FLUSH_ROWS_PER_S rows are written a second: with thousands of slow streams
-        each tick would otherwise rewrite nearly every live answer for one token each
-        (a fifth of the server's CPU at 6,000 streams of 1 token/s, docs/performance.md).
-        """
-        interval = self.settings.flush_interval
-        while True:
-            await self._live_event.wait()
-            await asyncio.sleep(interval)
-            if not self.live_by_conversation:
-                self._live_event.clear()
-                interval = self.settings.flush_interval
-                continue
-            batch = [
-                (r, r.last_seq)
-                for r in self.live_by_conversation.values()
-                if r.last_seq != r.flushed_seq and not r.done
-            ]
-            if not batch:
-                interval = self.settings.flush_interval
-                continue
-            rows = [(r.text(), r.reasoning_text(), r.message_id) for r, _ in batch]
-            interval = max(self.settings.flush_interval, len(rows) / FLUSH_ROWS_PER_S)
-            t0 = time.monotonic()
-            try:
-                await self.store.flush_contents(rows)
-            except Exception:
-                self.flush_failures += 1
-                self.metrics.flush_failures.inc()
-                log.exception("flush of %d live answer(s) failed; will retry", len(rows))
-                continue
-            self.metrics.flush_seconds.observe(time.monotonic() - t0)
-            for r, seq in batch:
-                r.flushed_seq = seq

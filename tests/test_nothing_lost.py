@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from app import flusher as flusher_module
 from app import lifecycle
-from app import service as service_module
 from app.keys import METRICS, SERVICE
 from providers.base import ProviderError
 from tests.fakes import ScriptedProvider, words
@@ -172,7 +172,7 @@ async def test_flush_failure_is_retried_and_the_stream_goes_on(
     try:
         first += await read_events(resp, limit=15)
         service = client.app[SERVICE]
-        assert service.flush_failures > 0  # flushes failed, and were counted...
+        assert service.flusher.failures > 0  # flushes failed, and were counted...
     finally:
         blocker.rollback()  # ...the lock goes away
         blocker.close()
@@ -298,7 +298,7 @@ async def test_flushes_stretch_under_load_and_still_save(
     """Three answers streaming for ~2 s with a 0.05 s flush interval: with a budget of 3
     answers a second the ticks stretch to 1 s (a few writes, not ~40), and the partial
     text still reaches the database while the answers stream."""
-    monkeypatch.setattr(service_module, "FLUSH_ROWS_PER_S", budget)
+    monkeypatch.setattr(flusher_module, "FLUSH_ROWS_PER_S", budget)
     client = await aiohttp_client(make_app(streaming={"flush_interval": 0.05}))
     registry = client.app[METRICS].registry
     cids = [await new_conversation(client) for _ in range(3)]

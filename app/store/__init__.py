@@ -1,93 +1,35 @@
-"""The one module that owns SQL: conversations and messages in SQLite via aiosqlite."""
+"""The one package that owns SQL: conversations and messages in SQLite via aiosqlite.
+
+Split by subject: the schema (schema.py), the connection discipline (base.py), users
+and keys (accounts.py), conversations and messages (here). Nothing else writes SQL.
+"""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 
-log = logging.getLogger(__name__)
+from app.store.accounts import AccountQueries
+from app.store.base import Row, new_id
 
-MIGRATIONS: list[str] = [
-    # 1: conversations and messages
-    """
-    CREATE TABLE conversations (
-        id TEXT PRIMARY KEY,
-        user_id TEXT NOT NULL,
-        title TEXT NOT NULL DEFAULT '',
-        provider TEXT,
-        model TEXT,
-        system_prompt TEXT NOT NULL DEFAULT '',
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX conversations_user_updated ON conversations (user_id, updated_at DESC);
-    CREATE TABLE messages (
-        id TEXT PRIMARY KEY,
-        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
-        role TEXT NOT NULL,
-        content TEXT NOT NULL DEFAULT '',
-        reasoning TEXT NOT NULL DEFAULT '',
-        status TEXT NOT NULL,
-        provider TEXT,
-        model TEXT,
-        finish_reason TEXT,
-        prompt_tokens INTEGER,
-        completion_tokens INTEGER,
-        error_code TEXT,
-        error_message TEXT,
-        ttft_ms REAL,
-        tokens_per_s REAL,
-        duration_ms REAL,
-        client_message_id TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX messages_conversation ON messages (conversation_id, created_at);
-    CREATE INDEX messages_status ON messages (status);
-    CREATE UNIQUE INDEX messages_client_id ON messages (conversation_id, client_message_id)
-        WHERE client_message_id IS NOT NULL;
-    """,
-    # 2: users, API keys (sha256 only), browser sessions, daily token usage.
-    # users.id is the user's name: conversations.user_id holds it, limits are set by it.
-    """
-    CREATE TABLE users (
-        id TEXT PRIMARY KEY,
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE api_keys (
-        id TEXT PRIMARY KEY,
-        user_id TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-        key_hash TEXT NOT NULL UNIQUE,
-        prefix TEXT NOT NULL,
-        label TEXT NOT NULL DEFAULT '',
-        created_at REAL NOT NULL,
-        last_used_at REAL,
-        revoked_at REAL
-    );
-    CREATE INDEX api_keys_user ON api_keys (user_id);
-    CREATE TABLE sessions (
-        token_hash TEXT PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES api_keys (id) ON DELETE CASCADE,
-        created_at REAL NOT NULL,
-        expires_at REAL NOT NULL
-    );
-    CREATE INDEX sessions_key ON sessions (key_id);
-    CREATE TABLE usage_daily (
-        user_id TEXT NOT NULL,
-        day TEXT NOT NULL,
-        tokens INTEGER NOT NULL,
-        PRIMARY KEY (user_id, day)
-    );
-    """,
+__all__ = [
+    "ConversationNotFound",
+    "Exchange",
+    "NothingToAnswer",
+    "Store",
+    "new_id",
+    "open_admin_store",
+    "open_store",
 ]
+
+log = logging.getLogger(__name__)
 
 CONVERSATION_COLUMNS = "id, title, provider, model, system_prompt, created_at, updated_at"
 MESSAGE_COLUMNS = (
@@ -105,10 +47,6 @@ DELETE_FROM = (
     "DELETE FROM messages WHERE conversation_id = ? AND rowid >="
     " (SELECT rowid FROM messages WHERE id = ? AND conversation_id = ?)"
 )
-
-
-T = TypeVar("T")
-Row = dict[str, Any]
 
 
 class NothingToAnswer(LookupError):
@@ -136,76 +74,8 @@ class Exchange:
     duplicate: Row | None = None
 
 
-def new_id() -> str:
-    """A random 32-hex-digit id."""
-    return uuid.uuid4().hex
-
-
-def _row(cursor: aiosqlite.Cursor, row: Sequence[Any]) -> dict[str, Any]:
-    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
-
-
-class Store:
-    """All reads and writes of streamchat's database, over one aiosqlite connection.
-
-    Every method is one round trip to aiosqlite's database thread, and every write is
-    one transaction committed (or rolled back) within it. Round trips, not SQL, are
-    what a run start costs under load (each waits for the busy event loop to come round,
-    docs/performance.md), and a transaction that spans several awaits on the shared
-    connection could take in, commit or roll back another coroutine's statements.
-    """
-
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self.db = db
-        self.db.row_factory = _row  # type: ignore[assignment]
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` on the database thread: one round trip for any statements.
-
-        aiosqlite has no public way to run a function on its thread; `_execute` is what
-        each of its own methods uses (checked with aiosqlite 0.20-0.22, pinned below 0.23).
-        """
-        conn = self.db._conn
-        result: T = await self.db._execute(fn, conn)  # type: ignore[no-untyped-call]
-        return result
-
-    async def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` as one transaction: committed when it returns, rolled back if it raises."""
-
-        def work(conn: sqlite3.Connection) -> T:
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
-            return result
-
-        return await self._call(work)
-
-    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return await self._call(lambda c: c.execute(sql, params).fetchall())
-
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
-        row: Row | None = await self._call(lambda c: c.execute(sql, params).fetchone())
-        return row
-
-    async def _write(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """One statement in its own transaction; returns the rows it changed."""
-        return await self._transaction(lambda c: c.execute(sql, params).rowcount)
-
-    async def migrate(self) -> None:
-        """Apply pending schema migrations in order."""
-        await self._write("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER)")
-        row = await self._one("SELECT MAX(version) AS v FROM schema_version")
-        current = int(row["v"] or 0) if row is not None else 0
-        for version, sql in enumerate(MIGRATIONS, start=1):
-            if version <= current:
-                continue
-            await self.db.executescript(
-                f"BEGIN; {sql}; INSERT INTO schema_version VALUES ({version}); COMMIT;"
-            )
-            log.info("database migrated to schema version %d", version)
+class Store(AccountQueries):
+    """All reads and writes of streamchat's database (see StoreBase for how)."""
 
     # -- conversations ---------------------------------------------------------------
 
@@ -463,126 +333,6 @@ class Store:
             " error_message = 'The server stopped before this answer was finished.',"
             " updated_at = ? WHERE status = 'streaming'",
             (time.time(),),
-        )
-
-    async def integrity_check(self) -> str:
-        """SQLite's own integrity check result ('ok' when healthy)."""
-        row = await self._one("PRAGMA integrity_check")
-        return str(next(iter(row.values()))) if row is not None else "no answer"
-
-    # -- users, API keys, sessions, usage (app/auth.py, app/cli.py, app/limits.py) -------
-
-    async def create_user(self, user_id: str) -> bool:
-        """Add a user; False when the name is taken."""
-        changed = await self._write(
-            "INSERT INTO users (id, created_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
-            (user_id, time.time()),
-        )
-        return changed > 0
-
-    async def list_users(self) -> list[dict[str, Any]]:
-        """Every user with how many active keys it has."""
-        return await self._all(
-            "SELECT u.id, u.created_at, COUNT(k.id) AS active_keys FROM users u"
-            " LEFT JOIN api_keys k ON k.user_id = u.id AND k.revoked_at IS NULL"
-            " GROUP BY u.id ORDER BY u.id"
-        )
-
-    async def create_api_key(
-        self, user_id: str, key_hash: str, prefix: str, label: str = ""
-    ) -> dict[str, Any] | None:
-        """Store a new key's hash for an existing user; None when the user does not exist."""
-        kid = new_id()
-        changed = await self._write(
-            "INSERT INTO api_keys (id, user_id, key_hash, prefix, label, created_at)"
-            " SELECT ?, id, ?, ?, ?, ? FROM users WHERE id = ?",
-            (kid, key_hash, prefix, label, time.time(), user_id),
-        )
-        if changed == 0:
-            return None
-        keys = [k for k in await self.list_api_keys(user_id) if k["id"] == kid]
-        return keys[0]
-
-    async def list_api_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
-        """Keys (never their hashes), of one user or of all, oldest first."""
-        where, params = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
-        return await self._all(
-            "SELECT id, user_id, prefix, label, created_at, last_used_at, revoked_at"
-            f" FROM api_keys {where} ORDER BY created_at, rowid",
-            params,
-        )
-
-    async def revoke_api_key(self, key_id: str) -> bool:
-        """Revoke a key and end the browser sessions signed in with it; False if unknown."""
-
-        def revoke(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                (time.time(), key_id),
-            )
-            c.execute("DELETE FROM sessions WHERE key_id = ?", (key_id,))
-            return cur.rowcount > 0
-
-        return await self._transaction(revoke)
-
-    async def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
-        """The active key with this hash: {key_id, user_id, last_used_at}, or None."""
-        return await self._one(
-            "SELECT id AS key_id, user_id, last_used_at FROM api_keys"
-            " WHERE key_hash = ? AND revoked_at IS NULL",
-            (key_hash,),
-        )
-
-    async def api_key_active(self, key_id: str) -> bool:
-        """Whether a key exists and is not revoked."""
-        row = await self._one(
-            "SELECT 1 AS ok FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
-        )
-        return row is not None
-
-    async def touch_api_key(self, key_id: str) -> None:
-        """Record that a key was just used."""
-        await self._write(
-            "UPDATE api_keys SET last_used_at = ? WHERE id = ?", (time.time(), key_id)
-        )
-
-    async def create_session(self, token_hash: str, key_id: str, expires_at: float) -> None:
-        """Store a browser session (by its token's hash) and drop expired ones."""
-        now = time.time()
-
-        def create(c: sqlite3.Connection) -> None:
-            c.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
-            c.execute(
-                "INSERT INTO sessions (token_hash, key_id, created_at, expires_at)"
-                " VALUES (?, ?, ?, ?)",
-                (token_hash, key_id, now, expires_at),
-            )
-
-        await self._transaction(create)
-
-    async def find_session(self, token_hash: str) -> dict[str, Any] | None:
-        """The unexpired session of an active key: {key_id, user_id}, or None."""
-        return await self._one(
-            "SELECT s.key_id, k.user_id FROM sessions s JOIN api_keys k ON k.id = s.key_id"
-            " WHERE s.token_hash = ? AND s.expires_at > ? AND k.revoked_at IS NULL",
-            (token_hash, time.time()),
-        )
-
-    async def delete_session(self, token_hash: str) -> None:
-        """End a browser session."""
-        await self._write("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
-
-    async def usage_for_day(self, day: str) -> dict[str, int]:
-        """Tokens each user has used on a UTC day (YYYY-MM-DD)."""
-        rows = await self._all("SELECT user_id, tokens FROM usage_daily WHERE day = ?", (day,))
-        return {r["user_id"]: int(r["tokens"]) for r in rows}
-
-    async def add_usage(self, user_id: str, day: str, tokens: int) -> None:
-        """Add a finished run's tokens to the user's day (one write per run, not per token)."""
-        await self._write(
-            "INSERT INTO usage_daily (user_id, day, tokens) VALUES (?, ?, ?)"
-            " ON CONFLICT (user_id, day) DO UPDATE SET tokens = tokens + excluded.tokens",
-            (user_id, day, tokens),
         )
 
 
