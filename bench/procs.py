@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO
 
 import aiohttp
@@ -87,10 +87,21 @@ def cpu_model() -> str:
 class Proc:
     """A child process pinned to some cores, its stderr kept in a log file."""
 
-    def __init__(self, name: str, args: Sequence[str], cpus: Sequence[int], log_dir: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: Sequence[str],
+        cpus: Sequence[int],
+        log_dir: str,
+        env: Mapping[str, str] | None = None,
+        pipe: bool = True,
+    ) -> None:
+        """`pipe`: stdout readable with read_line (else it goes to the log with stderr)."""
         self.name = name
         self.args = list(args)
         self.cpus = list(cpus)
+        self.env = dict(env) if env is not None else None
+        self.pipe = pipe
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -108,7 +119,8 @@ class Proc:
         self.popen = subprocess.Popen(
             self.args,
             cwd=ROOT,
-            stdout=subprocess.PIPE,
+            env=self.env,
+            stdout=subprocess.PIPE if self.pipe else self._log,
             stderr=self._log,
             preexec_fn=(lambda: pin(cpus)) if cpus else None,
         )
@@ -205,6 +217,26 @@ def server_config(path: str, port: int, upstream_port: int, db: str, local: bool
         fh.write("\n".join(lines) + "\n")
 
 
+async def wait_healthy(
+    proc: Proc, url: str, wait: float, headers: Mapping[str, str] | None = None
+) -> None:
+    """Poll `url` until it answers 200; stop `proc` and raise if it exits or time runs out."""
+    deadline = time.monotonic() + wait
+    async with aiohttp.ClientSession(headers=headers) as session:
+        while time.monotonic() < deadline:
+            if proc.popen is not None and proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited early; see {proc.log_path}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.stop()
+    raise RuntimeError(f"{proc.name} did not become healthy in {wait:g} s; see {proc.log_path}")
+
+
 async def start_server(
     config: str,
     port: int,
@@ -216,20 +248,8 @@ async def start_server(
     """Start `python run.py --config <config>` and wait until /api/v1/healthz answers."""
     proc = Proc(name, [sys.executable, "run.py", "--config", config], cpus, log_dir)
     proc.start()
-    deadline = time.monotonic() + wait
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.popen is not None and proc.popen.poll() is not None:
-                raise RuntimeError(f"server exited early; see {proc.log_path}")
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/api/v1/healthz") as resp:
-                    if resp.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.stop()
-    raise RuntimeError(f"server did not become healthy in {wait:g} s; see {proc.log_path}")
+    await wait_healthy(proc, f"http://127.0.0.1:{port}/api/v1/healthz", wait)
+    return proc
 
 
 def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes]:

@@ -19,13 +19,13 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-from bench import loadgen, procs
+from bench import litellm, loadgen, procs
 from bench.loadgen import StreamResult, percentile, summarize
 from bench.spec import StreamSpec
 
@@ -102,6 +102,11 @@ class Bench:
         self.server: procs.Proc
         self.bare: procs.Proc  # bench.bare_relay, during the scale level
         self.bare_base = ""
+        self.litellm_exe: str | None = None  # with --litellm: its proxy is a third column
+        self.litellm: procs.Proc | None = None
+        self.litellm_base = ""
+        self.litellm_idle_kb: int | None = None
+        self.lc: aiohttp.ClientSession  # to LiteLLM (its master key in every request)
         self.upstream: procs.Proc
         self.settle = 0.1 if args.quick else 0.5  # seconds of quiet before each measurement
 
@@ -135,8 +140,13 @@ class Bench:
         time_limit: float,
         max_starting: int | None = None,
         ramp_s: float = 0.0,
+        litellm_total: int | None = None,
     ) -> dict[str, Any]:
-        """Run one level directly against the upstream, then through streamchat."""
+        """Run one level directly against the upstream, then through streamchat.
+
+        With --litellm, then through LiteLLM's proxy too (`litellm_total` streams: it
+        relays ~30 times slower, so fewer keep the level's length reasonable; 0: not here).
+        """
         level: dict[str, Any] = {
             "concurrency": concurrency,
             "streams": total,
@@ -149,7 +159,41 @@ class Bench:
                 target, concurrency, total, tokens, pace_ms, time_limit, max_starting, ramp_s
             )
             print(f"  {name} {target}: {_brief(level[target])}", flush=True)
+        if self.litellm_exe and litellm_total != 0:
+            async with self.litellm_running():
+                level["litellm"] = await self.one_target(
+                    "litellm",
+                    concurrency,
+                    litellm_total or total,
+                    tokens,
+                    pace_ms,
+                    time_limit,
+                    max_starting,
+                    ramp_s,
+                )
+            print(f"  {name} litellm: {_brief(level['litellm'])}", flush=True)
         return level
+
+    @contextlib.asynccontextmanager
+    async def litellm_running(self) -> AsyncIterator[None]:
+        """LiteLLM's proxy on the server's core for one measurement (streamchat idles).
+
+        Started anew each time, so its background work never runs beside streamchat's
+        measurements; its idle RSS is read at the first start.
+        """
+        assert self.litellm_exe is not None
+        self.litellm, self.litellm_base = await litellm.start(
+            self.litellm_exe, self.server_cpus, self.tmp, f"{self.up_base}/v1"
+        )
+        try:
+            if self.litellm_idle_kb is None:
+                await asyncio.sleep(self.settle * 2)
+                self.litellm_idle_kb = procs.rss_kb(self.litellm.pid)
+            await self.one_target("litellm", 4, 20, 16, 0, 60, None)  # warm, as the server
+            yield
+        finally:
+            self.litellm.stop()
+            self.litellm = None
 
     async def one_target(
         self,
@@ -165,14 +209,19 @@ class Bench:
         """Run `total` streams against one target, sampling the process that serves them.
 
         Targets: "direct" (the upstream), "streamchat", "bare" (bench.bare_relay: the
-        least that aiohttp and the openai SDK hold per relayed stream, when it runs).
+        least that aiohttp and the openai SDK hold per relayed stream, when it runs),
+        "litellm" (LiteLLM's proxy, with --litellm).
         """
         specs = [self.spec(tokens, pace_ms) for _ in range(total)]
         open_now = 0
         peak_open = 0
         all_open_rss = 0  # RSS when the most streams were open (all of them, normally)
-        relay = self.bare if target == "bare" else self.server  # the process in between
-        base = self.bare_base if target == "bare" else self.base
+        relay, base = self.server, self.base  # the process in between, and its URL
+        if target == "bare":
+            relay, base = self.bare, self.bare_base
+        elif target == "litellm":
+            assert self.litellm is not None
+            relay, base = self.litellm, self.litellm_base
         pid = self.upstream.pid if target == "direct" else relay.pid
         open_at_rss = 0  # how many were open at that reading
 
@@ -187,7 +236,7 @@ class Bench:
                     all_open_rss = procs.rss_kb(pid)
                     open_at_rss = peak_open
 
-        if target != "direct":
+        if target in ("streamchat", "bare"):
             cids = await self.conversations(total, base)
 
             async def one(i: int, on_open: loadgen.OnToken) -> StreamResult:
@@ -199,12 +248,13 @@ class Bench:
                     open_now -= 1  # it counted as streaming from its first token to its end
                 return res
 
-        else:
+        else:  # the upstream itself, or LiteLLM: both speak the OpenAI API
+            session, url = (self.lc, base) if target == "litellm" else (self.dc, self.up_base)
 
             async def one(i: int, on_open: loadgen.OnToken) -> StreamResult:
                 nonlocal open_now
                 res = await loadgen.direct_stream(
-                    self.dc, self.up_base, specs[i], on_first=streaming, on_open=on_open
+                    session, url, specs[i], on_first=streaming, on_open=on_open
                 )
                 if res.ttft is not None:
                     open_now -= 1  # it counted as streaming from its first token to its end
@@ -270,12 +320,29 @@ class Bench:
     async def level_throughput(self) -> dict[str, Any]:
         """Relayed tokens/s and server CPU per token with an unpaced upstream."""
         s = self.sizes
-        return await self.both("throughput", s.tput_c, s.tput_n, 200, 0, 300)
+        return await self.both(
+            "throughput",
+            s.tput_c,
+            s.tput_n,
+            200,
+            0,
+            300,
+            litellm_total=max(s.tput_c, s.tput_n // 10),
+        )
 
     async def level_paced(self) -> dict[str, Any]:
         """TTFT at 100 streams with a 20 ms/token upstream (steady state: starts ramped)."""
         s = self.sizes
-        return await self.both("paced_100", s.paced_c, s.paced_n, 50, 20, 300, ramp_s=1.0)
+        return await self.both(
+            "paced_100",
+            s.paced_c,
+            s.paced_n,
+            50,
+            20,
+            300,
+            ramp_s=1.0,
+            litellm_total=max(s.paced_c, s.paced_n // 5),
+        )
 
     async def level_scale(self) -> dict[str, Any]:
         """10,000 concurrent open streams at 1 token/s: errors and RSS per open stream."""
@@ -292,6 +359,7 @@ class Bench:
             s.scale_tokens + 420,
             # at most this many connecting at once (the server's accept backlog is 1024)
             max_starting=1000,
+            litellm_total=0,  # below, smaller
         )
         # The floor, in the same conditions: aiohttp and the openai SDK relaying with
         # nothing else (no runs, database, auth, resumes). streamchat is idle meanwhile.
@@ -306,7 +374,18 @@ class Bench:
             print(f"  scale bare: {_brief(level['bare'])}", flush=True)
         finally:
             self.bare.stop()
-        for target in ("direct", "streamchat", "bare"):
+        if self.litellm_exe:
+            # LiteLLM relays ~1,500 tokens/s on one core: 10,000 streams of 1 token/s would
+            # measure its backlog, so its memory per stream is read at 1,000 shorter ones
+            c, tokens = min(s.scale_c, 1000), min(s.scale_tokens, 60)
+            async with self.litellm_running():
+                level["litellm"] = await self.one_target(
+                    "litellm", c, c, tokens, 1000, tokens + 420, 1000
+                )
+            print(f"  scale litellm: {_brief(level['litellm'])}", flush=True)
+        for target in ("direct", "streamchat", "bare", "litellm"):
+            if target not in level:
+                continue
             t = level[target]
             if t.get("rss_all_open_kb"):
                 t["rss_per_open_stream_kb"] = round(
@@ -379,35 +458,49 @@ class Bench:
         return out
 
     async def level_cancel(self) -> dict[str, Any]:
-        """Client cancel (HTTP, WebSocket; direct: closing the response) → upstream disconnect."""
+        """Client cancel (HTTP, WebSocket; direct, LiteLLM: closing the response) → upstream
+        disconnect."""
         n = self.sizes.cancel_n
         out: dict[str, Any] = {"streams": n}
-        for mode in ("direct", "http", "ws"):
-            lat: list[float] = []
-            errors: list[str] = []
-            for _ in range(n):
-                spec = self.spec(2000, 10)
-                try:
-                    async with asyncio.timeout(30):
-                        t0 = await self.cancel_one(mode, spec)
-                        lat.append(await self.disconnect_time(spec.id) - t0)
-                except (TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
-                    errors.append(f"{type(exc).__name__}: {exc}"[:120])
-            out[mode] = {
-                "ok": len(lat),
-                "errors": errors[:5],
-                "p50_ms": _ms(percentile(lat, 50)),
-                "p90_ms": _ms(percentile(lat, 90)),
-                "max_ms": _ms(max(lat) if lat else None),
-            }
+        for mode in ("direct", "http", "ws", "litellm"):
+            if mode == "litellm":
+                if not self.litellm_exe:
+                    continue
+                async with self.litellm_running():
+                    out[mode] = await self.cancel_mode(mode, n)
+            else:
+                out[mode] = await self.cancel_mode(mode, n)
             print(f"  cancel {mode}: {out[mode]}", flush=True)
         return out
 
+    async def cancel_mode(self, mode: str, n: int) -> dict[str, Any]:
+        """`n` cancels one way; their latencies to the upstream's disconnect."""
+        lat: list[float] = []
+        errors: list[str] = []
+        for _ in range(n):
+            spec = self.spec(2000, 10)
+            try:
+                async with asyncio.timeout(30):
+                    t0 = await self.cancel_one(mode, spec)
+                    lat.append(await self.disconnect_time(spec.id) - t0)
+            except (TimeoutError, RuntimeError, aiohttp.ClientError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:120])
+        return {
+            "ok": len(lat),
+            "errors": errors[:5],
+            "p50_ms": _ms(percentile(lat, 50)),
+            "p90_ms": _ms(percentile(lat, 90)),
+            "max_ms": _ms(max(lat) if lat else None),
+        }
+
     async def cancel_one(self, mode: str, spec: StreamSpec) -> float:
         """Start a paced stream, read 3 tokens, cancel; return the cancel time."""
-        if mode == "direct":
-            async with self.dc.post(
-                f"{self.up_base}/v1/chat/completions",
+        if mode in ("direct", "litellm"):
+            session, url = (
+                (self.lc, self.litellm_base) if mode == "litellm" else (self.dc, self.up_base)
+            )
+            async with session.post(
+                f"{url}/v1/chat/completions",
                 json={
                     "model": "bench",
                     "messages": [{"role": "user", "content": spec.prompt()}],
@@ -468,6 +561,8 @@ class Bench:
         """Start the processes, run the chosen levels, stop everything."""
         args = self.args
         self.fd_limit = procs.raise_fd_limit(65_536)
+        if args.litellm:
+            self.litellm_exe = litellm.ensure_installed()
         if self.client_cpus:
             procs.pin(self.client_cpus)
         self.upstream, up_port = procs.start_upstream(self.client_cpus, self.tmp)
@@ -533,6 +628,7 @@ class Bench:
         await asyncio.sleep(self.settle * 2)
         idle_rss = procs.rss_kb(self.server.pid)  # started, nothing asked of it yet
         self.sc, self.dc = _session(), _session()
+        self.lc = _session(litellm.HEADERS)
         try:
             await self.warmup()
             levels: dict[str, Any] = {}
@@ -554,15 +650,19 @@ class Bench:
         finally:
             await self.sc.close()
             await self.dc.close()
+            await self.lc.close()
         return {
             "idle_rss_kb": idle_rss,
+            "litellm_idle_rss_kb": self.litellm_idle_kb,
+            "litellm_version": litellm.VERSION if self.litellm_exe else None,
             "levels": levels,
         }
 
 
-def _session() -> aiohttp.ClientSession:
+def _session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     """A client session with no connection limit and no total timeout."""
     return aiohttp.ClientSession(
+        headers=headers,
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
         timeout=aiohttp.ClientTimeout(total=None, sock_read=300),
     )
@@ -629,6 +729,31 @@ def headline(res: dict[str, Any]) -> dict[str, float | None]:
         for mode in ("http", "ws"):
             out[f"cancel_{mode}_p50_ms"] = lv["cancel"][mode]["p50_ms"]
             out[f"cancel_{mode}_max_ms"] = lv["cancel"][mode]["max_ms"]
+    out.update(_litellm_headline(res))
+    return out
+
+
+def _litellm_headline(res: dict[str, Any]) -> dict[str, float | None]:
+    """The same figures for LiteLLM's proxy, when it ran (a comparison, not a target)."""
+    lv = res["levels"]
+    out: dict[str, float | None] = {}
+    if res.get("litellm_idle_rss_kb"):
+        out["litellm_idle_rss_mb"] = round(res["litellm_idle_rss_kb"] / 1024, 1)
+    if "litellm" in lv.get("throughput", {}):
+        t = lv["throughput"]["litellm"]
+        out["litellm_relay_tokens_per_s"] = t["tokens_per_s"] if t["failed"] == 0 else 0.0
+        out["litellm_cpu_s_per_1m_tokens"] = t.get("server_cpu_s_per_1m_tokens")
+    for key, name in (("ttft", "1_stream"), ("paced", "100_streams")):
+        if "litellm" in lv.get(key, {}):
+            d, t = lv[key]["direct"]["ttft_ms"], lv[key]["litellm"]["ttft_ms"]
+            for p in ("p50", "p99"):
+                if d[p] is not None and t[p] is not None:
+                    out[f"litellm_ttft_added_{name}_{p}_ms"] = round(t[p] - d[p], 3)
+    if "litellm" in lv.get("scale", {}):
+        out["litellm_rss_per_open_stream_kb"] = lv["scale"]["litellm"].get("rss_per_open_stream_kb")
+    if "litellm" in lv.get("cancel", {}):
+        out["litellm_cancel_p50_ms"] = lv["cancel"]["litellm"]["p50_ms"]
+        out["litellm_cancel_max_ms"] = lv["cancel"]["litellm"]["max_ms"]
     return out
 
 
@@ -672,7 +797,9 @@ def markdown(res: dict[str, Any]) -> str:
         if name == "cancel":
             lines += ["", f"**{name}** ({level['streams']} each)", ""]
             lines += ["| | p50 ms | p90 ms | max ms | ok |", "|---|---|---|---|---|"]
-            for mode in ("direct", "http", "ws"):
+            for mode in ("direct", "http", "ws", "litellm"):
+                if mode not in level:
+                    continue
                 c = level[mode]
                 lines.append(
                     f"| {mode} | {c['p50_ms']} | {c['p90_ms']} | {c['max_ms']} | {c['ok']} |"
@@ -685,15 +812,18 @@ def markdown(res: dict[str, Any]) -> str:
             + (f", first starts spread over {level['ramp_s']:g} s" if level["ramp_s"] else ""),
             "",
         ]
-        sides = [level["direct"], level["streamchat"]]
-        if "bare" in level:  # the scale level's floor
-            sides.append(level["bare"])
-            lines += [
-                "| | direct | streamchat | bare relay (aiohttp + openai SDK only) |",
-                "|---|---|---|---|",
-            ]
-        else:
-            lines += ["| | direct | streamchat |", "|---|---|---|"]
+        columns = {
+            "direct": "direct",
+            "streamchat": "streamchat",
+            "bare": "bare relay (aiohttp + openai SDK only)",  # the scale level's floor
+            "litellm": "LiteLLM proxy",
+        }
+        names = [k for k in columns if k in level]
+        sides = [level[k] for k in names]
+        lines += [
+            "| | " + " | ".join(columns[k] for k in names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         rows: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
             ("ok / streams", lambda t: f"{t['ok']} / {t['streams']}"),
             ("tokens/s", lambda t: t["tokens_per_s"]),
@@ -721,7 +851,34 @@ def markdown(res: dict[str, Any]) -> str:
         errs = {k: v for t in sides for k, v in t["errors"].items()}
         if errs:
             lines.append(f"\nerrors: `{errs}`")
+        if "litellm" in level and level["litellm"]["streams"] != level["streams"]:
+            t = level["litellm"]
+            each = t["tokens"] // max(1, t["ok"])
+            lines.append(f"\nLiteLLM ran {t['streams']} streams (of {each} tokens) here.")
+    lines += _litellm_lines(res)
     return "\n".join(lines) + "\n"
+
+
+def _litellm_lines(res: dict[str, Any]) -> list[str]:
+    """LiteLLM's figures beside the targets, when it ran."""
+    if not res.get("litellm_version"):
+        return []
+    heads = res["headline"]
+    lines = [
+        "",
+        f"**LiteLLM proxy {res['litellm_version']}** (one worker, on the server's core, "
+        "same upstream, same load generator; a comparison, not a target)",
+        "",
+        "| figure | LiteLLM | streamchat |",
+        "|---|---|---|",
+    ]
+    for key, value in heads.items():
+        if key.startswith("litellm_"):
+            name = key.removeprefix("litellm_")
+            # LiteLLM's cancel is the client closing its stream, as our HTTP cancel
+            ours = heads.get(name.replace("cancel_", "cancel_http_"))
+            lines.append(f"| {name} | {value} | {ours} |")
+    return lines
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -740,6 +897,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         metavar="NAME=N",
         help=f"override one size ({', '.join(f.name for f in dataclasses.fields(Sizes))})",
+    )
+    p.add_argument(
+        "--litellm",
+        action="store_true",
+        help=f"also relay through LiteLLM's proxy {litellm.VERSION} (installed from PyPI "
+        "into bench/.venv-litellm on first use)",
     )
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
