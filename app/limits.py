@@ -216,20 +216,27 @@ class Limiter:
 
     # -- admission -----------------------------------------------------------------------
 
-    def admit(self, user_id: str, content: str | None, options: GenerateOptions) -> Ticket:
+    def admit(
+        self,
+        user_id: str,
+        content: str | None,
+        options: GenerateOptions,
+        field: str = "content",
+    ) -> Ticket:
         """Check a run start against the user's limits; raise ApiError 400/429 if over.
 
-        Nothing is stored before this passes. The returned ticket holds a live slot
-        until the run ends, or until `settle` frees it when no run was launched.
+        `content` is the new message (`field` names it in the error). Nothing is stored
+        before this passes. The returned ticket holds a live slot until the run ends, or
+        until `settle` frees it when no run was launched.
         """
         lim = self.settings.for_user(user_id)
         if lim.max_message_chars and content is not None and len(content) > lim.max_message_chars:
             raise ApiError(
                 400,
                 "bad_request",
-                f"Field 'content' is longer than {lim.max_message_chars} characters"
+                f"Field '{field}' is longer than {lim.max_message_chars} characters"
                 " (this server's limit).",
-                field="content",
+                field=field,
             )
         state = self._state(user_id)
         if lim.concurrent_runs and state.live >= lim.concurrent_runs:

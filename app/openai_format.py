@@ -30,6 +30,14 @@ FIELDS = frozenset(
         "user",
     }
 )
+# Fields some clients send at OpenAI's defaults (LangChain's n=1, penalties of 0): null or
+# the default asks for nothing and is accepted; any other value is a 400 naming the field.
+NO_OP_DEFAULTS: dict[str, Any] = {
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logprobs": False,
+}
 # "developer" is OpenAI's newer name for the system role.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_MESSAGES = 1000
@@ -162,9 +170,27 @@ def _stop(raw: Any) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _asks_nothing(name: str, value: Any) -> bool:
+    """Whether an otherwise unsupported field is null or at its OpenAI default."""
+    default = NO_OP_DEFAULTS[name]
+    if value is None:
+        return True
+    if isinstance(default, bool):
+        return value is default
+    return not isinstance(value, bool) and isinstance(value, int | float) and value == default
+
+
 def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     """Validate a chat.completions body; unsupported fields are a 400 naming them."""
-    unknown = sorted(set(body) - FIELDS)
+    for name in sorted(NO_OP_DEFAULTS.keys() & body.keys()):
+        if not _asks_nothing(name, body[name]):
+            default = orjson.dumps(NO_OP_DEFAULTS[name]).decode()
+            raise bad_request(
+                f"Unsupported value for '{name}': only {default} (the default) is supported.",
+                name,
+                "unsupported_value",
+            )
+    unknown = sorted(set(body) - FIELDS - NO_OP_DEFAULTS.keys())
     if unknown:
         raise bad_request(
             f"Unsupported parameter '{unknown[0]}'. Supported: {', '.join(sorted(FIELDS))}.",

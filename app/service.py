@@ -314,10 +314,16 @@ class ChatService:
         model: str | None,
         options: GenerateOptions,
     ) -> Run:
-        """Start a run that is not stored (the OpenAI-compatible stateless mode)."""
+        """Start a run that is not stored (the OpenAI-compatible stateless mode).
+
+        Every message is new to the server here, so the longest one meets the per-user
+        message length limit.
+        """
         self._check_accepting()
         name, model = self.resolve(provider, model)
-        ticket = self.limiter.admit(user_id, None, options)
+        i = max(range(len(messages)), key=lambda k: len(messages[k].content), default=None)
+        longest = None if i is None else messages[i].content
+        ticket = self.limiter.admit(user_id, longest, options, f"messages[{i}].content")
         run = Run(
             conversation_id="",
             message_id=new_id(),

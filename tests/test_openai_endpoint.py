@@ -306,6 +306,9 @@ BAD_REQUESTS: list[tuple[dict[str, Any], type[openai.APIStatusError], str | None
     ({"model": "gone/g-1"}, openai.NotFoundError, "model"),
     ({"model": "nope/x"}, openai.NotFoundError, "model"),
     ({"frequency_penalty": 0.5}, openai.BadRequestError, "frequency_penalty"),
+    ({"n": 2}, openai.BadRequestError, "n"),
+    ({"n": True}, openai.BadRequestError, "n"),
+    ({"logprobs": True}, openai.BadRequestError, "logprobs"),
     ({"tools": []}, openai.BadRequestError, "tools"),
     ({"messages": []}, openai.BadRequestError, "messages"),
     ({"messages": [{"role": "tool", "content": "x"}]}, openai.BadRequestError, "messages[0].role"),
@@ -512,6 +515,47 @@ async def test_user_limits_apply(start_server: ServerFactory, fake: ScriptedProv
                 await asyncio.sleep(0.02)
         with pytest.raises(openai.PermissionDeniedError):
             await client.chat.completions.create(model="fake-1", messages=USER, extra_headers=new)
+    finally:
+        await client.close()
+
+
+async def test_fields_at_their_defaults_are_accepted(
+    sdk: openai.AsyncOpenAI, fake: ScriptedProvider
+) -> None:
+    """LangChain and others send n=1 and zero penalties: they ask for nothing, so they pass."""
+    fake.enqueue([("text", "fine")])
+    out = await sdk.chat.completions.create(
+        model="fake-1",
+        messages=USER,
+        n=1,
+        presence_penalty=0,
+        frequency_penalty=0.0,
+        logprobs=False,
+    )
+    assert out.choices[0].message.content == "fine"
+    assert len(fake.calls) == 1
+
+
+async def test_message_length_limit_applies_to_every_stateless_message(
+    start_server: ServerFactory, fake: ScriptedProvider
+) -> None:
+    limits = LimitsSettings(defaults=UserLimits(max_message_chars=10))
+    server = await start_server(limits=limits)
+    client = sdk_for(server)
+    try:
+        long = [
+            {"role": "system", "content": "short"},
+            {"role": "user", "content": "x" * 11},
+        ]
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model="fake-1", messages=long)  # type: ignore[arg-type]
+        assert err.value.param == "messages[1].content"
+        assert "10 characters" in err.value.message
+        assert fake.calls == []
+        fake.enqueue([("text", "ok")])
+        fits = [{"role": "system", "content": "short"}, {"role": "user", "content": "x" * 10}]
+        out = await client.chat.completions.create(model="fake-1", messages=fits)  # type: ignore[arg-type]
+        assert out.choices[0].message.content == "ok"
     finally:
         await client.close()
 
