@@ -75,7 +75,10 @@ def _timed_out(exc: BaseException) -> bool:
 class OpenAICompatProvider:
     """Streams chat.completions; closing the stream closes the upstream HTTP response."""
 
-    def __init__(self, settings: ProviderSettings, *, base_url: str | None = None) -> None:
+    def __init__(
+        self, settings: ProviderSettings, *, base_url: str | None = None, keepalive: bool = True
+    ) -> None:
+        """`keepalive=False`: a new connection per request (see LocalProvider)."""
         self.settings = settings
         self.name = settings.name
         key = settings.api_key.get() if settings.api_key else "none"
@@ -98,7 +101,13 @@ class OpenAICompatProvider:
             # request and response (quadratic at thousands of streams) and its default stops
             # at 1,000. limit 0 = unbounded: runs already bound concurrency.
             http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(max_connections=0, max_keepalive_connections=100)
+                limits=httpx2.Limits(
+                    max_connections=0,
+                    max_keepalive_connections=100 if keepalive else 0,
+                    # the aiohttp backend's keep-alive timeout: at 0 no idle connection
+                    # is ever reused (aiohttp reuses one idle for at most this long)
+                    keepalive_expiry=5.0 if keepalive else 0.0,
+                )
             ),
         )
         self.info = ProviderInfo(

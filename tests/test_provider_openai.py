@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from app.main import create_app
+from app.settings import LocalSettings
 from providers.base import (
     ChatMessage,
     Finish,
@@ -22,6 +23,7 @@ from providers.base import (
     TextDelta,
     Usage,
 )
+from providers.local import LocalProvider
 from tests.conftest import make_settings
 from tests.upstreams import OpenAIFake, Plan, wait_for
 from tests.upstreams.kit import DEEPSEEK, OPENAI, build, collect, provider_settings, read_sse
@@ -200,3 +202,23 @@ async def test_deepseek_reasoning_is_stored_apart_and_never_sent_back(
         {"role": "user", "content": "q2"},
     ]
     assert "SECRET-THOUGHT" not in repr(fake.records[1].body)
+
+
+async def test_local_adapter_opens_a_connection_per_request(
+    fake_server: tuple[OpenAIFake, TestServer], provider: Provider
+) -> None:
+    """The openai adapter keeps its connection alive; the local one (llama.cpp in-process,
+    which may close an idle connection as it is reused) opens a new one each time."""
+    fake, server = fake_server
+    settings = provider_settings(OPENAI, str(server.make_url("/")), name="local", kind="local")
+    local = LocalProvider(settings, str(server.make_url("")).rstrip("/"), LocalSettings())
+    try:
+        for p in (provider, provider, provider, local, local, local):
+            fake.enqueue(Plan(text=("hi",)))
+            assert TextDelta("hi") in await collect(p, OPENAI.model)
+    finally:
+        await local.aclose()
+    kept, fresh = [r.peer for r in fake.records[:3]], [r.peer for r in fake.records[3:]]
+    assert None not in kept + fresh
+    assert len(set(kept)) == 1  # one keep-alive connection for three requests
+    assert len(set(fresh)) == 3 and not set(fresh) & set(kept)

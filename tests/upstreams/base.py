@@ -63,6 +63,7 @@ class Record:
     finished: float | None = None
     disconnected: float | None = None  # when the client went away mid-answer
     reset: bool = False
+    peer: Any = None  # the client's (host, port): which connection carried the request
 
 
 @dataclass
@@ -125,6 +126,7 @@ class FakeUpstream:
             time.monotonic(),
             plan,
         )
+        rec.peer = request.transport.get_extra_info("peername") if request.transport else None
         self.records.append(rec)
         model = self.model(request, body)
         try:
