@@ -180,8 +180,8 @@ def _asks_nothing(name: str, value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and value == default
 
 
-def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
-    """Validate a chat.completions body; unsupported fields are a 400 naming them."""
+def _check_fields(body: Mapping[str, Any]) -> None:
+    """A 400 naming the first field this server does not support (or not at that value)."""
     for name in sorted(NO_OP_DEFAULTS.keys() & body.keys()):
         if not _asks_nothing(name, body[name]):
             default = orjson.dumps(NO_OP_DEFAULTS[name]).decode()
@@ -197,6 +197,34 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
             unknown[0],
             "unsupported_parameter",
         )
+
+
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool:
+    """`stream_options.include_usage`, validated (only allowed when streaming)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request(
+            "'stream_options' is only allowed when 'stream' is true.", "stream_options"
+        )
+    if not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object.", "stream_options")
+    extra = sorted(set(options) - {"include_usage"})
+    if extra:
+        name = f"stream_options.{extra[0]}"
+        raise bad_request(f"Unsupported parameter '{name}'.", name, "unsupported_parameter")
+    wanted = options.get("include_usage")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise bad_request(
+            "'stream_options.include_usage' must be a boolean.", "stream_options.include_usage"
+        )
+    return bool(wanted)
+
+
+def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
+    """Validate a chat.completions body; unsupported fields are a 400 naming them."""
+    _check_fields(body)
     model = body.get("model")
     if not isinstance(model, str) or not model.strip() or len(model) > 300:
         raise bad_request("'model' is required: a model id from GET /v1/models.", "model")
@@ -204,25 +232,7 @@ def parse_completion(body: Mapping[str, Any]) -> CompletionRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean.", "stream")
-    include_usage = False
-    options = body.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise bad_request(
-                "'stream_options' is only allowed when 'stream' is true.", "stream_options"
-            )
-        if not isinstance(options, dict):
-            raise bad_request("'stream_options' must be an object.", "stream_options")
-        extra = sorted(set(options) - {"include_usage"})
-        if extra:
-            name = f"stream_options.{extra[0]}"
-            raise bad_request(f"Unsupported parameter '{name}'.", name, "unsupported_parameter")
-        wanted = options.get("include_usage")
-        if wanted is not None and not isinstance(wanted, bool):
-            raise bad_request(
-                "'stream_options.include_usage' must be a boolean.", "stream_options.include_usage"
-            )
-        include_usage = bool(wanted)
+    include_usage = _include_usage(body, bool(stream))
     max_tokens = _number(body, "max_tokens", 1, 1_000_000, integer=True)
     max_completion = _number(body, "max_completion_tokens", 1, 1_000_000, integer=True)
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:

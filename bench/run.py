@@ -160,18 +160,16 @@ class Bench:
             )
             print(f"  {name} {target}: {_brief(level[target])}", flush=True)
         if self.litellm_exe and litellm_total != 0:
-            async with self.litellm_running():
-                level["litellm"] = await self.one_target(
-                    "litellm",
-                    concurrency,
-                    litellm_total or total,
-                    tokens,
-                    pace_ms,
-                    time_limit,
-                    max_starting,
-                    ramp_s,
-                )
-            print(f"  {name} litellm: {_brief(level['litellm'])}", flush=True)
+            level["litellm"] = await self.litellm_target(
+                name,
+                concurrency,
+                litellm_total or total,
+                tokens,
+                pace_ms,
+                time_limit,
+                max_starting,
+                ramp_s,
+            )
         return level
 
     @contextlib.asynccontextmanager
@@ -194,6 +192,25 @@ class Bench:
         finally:
             self.litellm.stop()
             self.litellm = None
+
+    async def litellm_target(
+        self,
+        name: str,
+        concurrency: int,
+        total: int,
+        tokens: int,
+        pace_ms: float,
+        time_limit: float,
+        max_starting: int | None,
+        ramp_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """One measurement through a freshly started LiteLLM proxy (as one_target)."""
+        async with self.litellm_running():
+            out = await self.one_target(
+                "litellm", concurrency, total, tokens, pace_ms, time_limit, max_starting, ramp_s
+            )
+        print(f"  {name} litellm: {_brief(out)}", flush=True)
+        return out
 
     async def one_target(
         self,
@@ -378,11 +395,9 @@ class Bench:
             # LiteLLM relays ~1,500 tokens/s on one core: 10,000 streams of 1 token/s would
             # measure its backlog, so its memory per stream is read at 1,000 shorter ones
             c, tokens = min(s.scale_c, 1000), min(s.scale_tokens, 60)
-            async with self.litellm_running():
-                level["litellm"] = await self.one_target(
-                    "litellm", c, c, tokens, 1000, tokens + 420, 1000
-                )
-            print(f"  scale litellm: {_brief(level['litellm'])}", flush=True)
+            level["litellm"] = await self.litellm_target(
+                "scale", c, c, tokens, 1000, tokens + 420, 1000
+            )
         for target in ("direct", "streamchat", "bare", "litellm"):
             if target not in level:
                 continue
@@ -697,25 +712,16 @@ def _brief(t: dict[str, Any]) -> str:
 
 
 def headline(res: dict[str, Any]) -> dict[str, float | None]:
-    """The figures the targets are about, computed from a result."""
+    """The figures the targets are about, computed from a result; LiteLLM's, prefixed
+    `litellm_`, when it ran (a comparison, not a target)."""
     lv = res["levels"]
     out: dict[str, float | None] = {"idle_rss_mb": round(res["idle_rss_kb"] / 1024, 1)}
-    if "throughput" in lv:
-        sc = lv["throughput"]["streamchat"]
-        out["relay_tokens_per_s"] = sc["tokens_per_s"] if sc["failed"] == 0 else 0.0
-        out["cpu_s_per_1m_tokens"] = sc.get("server_cpu_s_per_1m_tokens")
-    for key, name in (("ttft", "1_stream"), ("paced", "100_streams")):
-        if key in lv:
-            d, s = lv[key]["direct"]["ttft_ms"], lv[key]["streamchat"]["ttft_ms"]
-            for p in ("p50", "p99"):
-                if d[p] is not None and s[p] is not None:
-                    out[f"ttft_added_{name}_{p}_ms"] = round(s[p] - d[p], 3)
+    out.update(_relay_figures(lv, "streamchat"))
     if "scale" in lv:
         sc = lv["scale"]["streamchat"]
         out["scale_errors"] = float(sc["failed"])
         out["scale_peak_open"] = float(sc["peak_open"])
         out["scale_not_open_at_once"] = float(sc["streams"] - sc["peak_open"])
-        out["rss_per_open_stream_kb"] = sc.get("rss_per_open_stream_kb")
         if "bare" in lv["scale"]:
             out["bare_relay_rss_per_open_stream_kb"] = lv["scale"]["bare"].get(
                 "rss_per_open_stream_kb"
@@ -725,35 +731,37 @@ def headline(res: dict[str, Any]) -> dict[str, float | None]:
         one, four = lo["streamchat_1"]["tokens_per_s"], lo["streamchat_4"]["tokens_per_s"]
         out["local_1_stream_ratio"] = round(one / lo["alone_1"]["tokens_per_s"], 3)
         out["local_4_over_1_stream"] = round(four / one, 3)
-    if "cancel" in lv:
-        for mode in ("http", "ws"):
-            out[f"cancel_{mode}_p50_ms"] = lv["cancel"][mode]["p50_ms"]
-            out[f"cancel_{mode}_max_ms"] = lv["cancel"][mode]["max_ms"]
-    out.update(_litellm_headline(res))
+    out.update(_cancel_figures(lv, "http", "cancel_http"))
+    out.update(_cancel_figures(lv, "ws", "cancel_ws"))
+    if res.get("litellm_idle_rss_kb"):
+        out["litellm_idle_rss_mb"] = round(res["litellm_idle_rss_kb"] / 1024, 1)
+    out.update({f"litellm_{k}": v for k, v in _relay_figures(lv, "litellm").items()})
+    # LiteLLM's cancel is the client closing its stream
+    out.update(_cancel_figures(lv, "litellm", "litellm_cancel"))
     return out
 
 
-def _litellm_headline(res: dict[str, Any]) -> dict[str, float | None]:
-    """The same figures for LiteLLM's proxy, when it ran (a comparison, not a target)."""
-    lv = res["levels"]
+def _cancel_figures(lv: dict[str, Any], mode: str, key: str) -> dict[str, float | None]:
+    """p50 and max of one way of cancelling, when it ran."""
+    c = lv.get("cancel", {}).get(mode)
+    return {f"{key}_p50_ms": c["p50_ms"], f"{key}_max_ms": c["max_ms"]} if c else {}
+
+
+def _relay_figures(lv: dict[str, Any], target: str) -> dict[str, float | None]:
+    """Tokens/s, CPU per token, TTFT added over direct and RSS per stream of one relay."""
     out: dict[str, float | None] = {}
-    if res.get("litellm_idle_rss_kb"):
-        out["litellm_idle_rss_mb"] = round(res["litellm_idle_rss_kb"] / 1024, 1)
-    if "litellm" in lv.get("throughput", {}):
-        t = lv["throughput"]["litellm"]
-        out["litellm_relay_tokens_per_s"] = t["tokens_per_s"] if t["failed"] == 0 else 0.0
-        out["litellm_cpu_s_per_1m_tokens"] = t.get("server_cpu_s_per_1m_tokens")
+    if target in lv.get("throughput", {}):
+        t = lv["throughput"][target]
+        out["relay_tokens_per_s"] = t["tokens_per_s"] if t["failed"] == 0 else 0.0
+        out["cpu_s_per_1m_tokens"] = t.get("server_cpu_s_per_1m_tokens")
     for key, name in (("ttft", "1_stream"), ("paced", "100_streams")):
-        if "litellm" in lv.get(key, {}):
-            d, t = lv[key]["direct"]["ttft_ms"], lv[key]["litellm"]["ttft_ms"]
+        if target in lv.get(key, {}):
+            d, t = lv[key]["direct"]["ttft_ms"], lv[key][target]["ttft_ms"]
             for p in ("p50", "p99"):
                 if d[p] is not None and t[p] is not None:
-                    out[f"litellm_ttft_added_{name}_{p}_ms"] = round(t[p] - d[p], 3)
-    if "litellm" in lv.get("scale", {}):
-        out["litellm_rss_per_open_stream_kb"] = lv["scale"]["litellm"].get("rss_per_open_stream_kb")
-    if "litellm" in lv.get("cancel", {}):
-        out["litellm_cancel_p50_ms"] = lv["cancel"]["litellm"]["p50_ms"]
-        out["litellm_cancel_max_ms"] = lv["cancel"]["litellm"]["max_ms"]
+                    out[f"ttft_added_{name}_{p}_ms"] = round(t[p] - d[p], 3)
+    if target in lv.get("scale", {}):
+        out["rss_per_open_stream_kb"] = lv["scale"][target].get("rss_per_open_stream_kb")
     return out
 
 
