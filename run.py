@@ -14,6 +14,7 @@ from app.auth import insecure_bind_reason
 from app.logging_setup import configure_logging
 from app.main import create_app
 from app.settings import SettingsError, load_settings, parse_args
+from app.store import database_problem
 
 GC_THRESHOLDS = (10_000, 10, 10)  # CPython's defaults are (700, 10, 10)
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"streamchat: {exc}", file=sys.stderr)
         return 2
-    refusal = insecure_bind_reason(settings)
+    refusal = insecure_bind_reason(settings) or database_problem(settings.db)
     if refusal:
         print(f"streamchat: {refusal}", file=sys.stderr)
         return 2

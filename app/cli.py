@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from app.auth import USER_RE, hash_secret, new_api_key
 from app.settings import SettingsError, load_settings
-from app.store import Store, open_admin_store
+from app.store import Store, database_problem, open_admin_store
 
 COMMANDS = ("user", "key")
 
@@ -90,9 +91,21 @@ async def _run(store: Store, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-async def _main(db: str, args: argparse.Namespace, out: TextIO) -> int:
-    async with open_admin_store(db) as store:
+async def _main(db: str, busy_timeout: float, args: argparse.Namespace, out: TextIO) -> int:
+    async with open_admin_store(db, busy_timeout) as store:
         return await _run(store, args, out)
+
+
+def _storage_error(exc: sqlite3.Error, db: str, busy_timeout: float) -> str:
+    """What to tell the admin when SQLite refused; each command is one transaction, so
+    nothing was written (and no key was shown)."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return (
+            f"the database {db} stayed locked by another writer for {busy_timeout:g} s"
+            " (db_busy_timeout); nothing was changed, try again"
+        )
+    return f"cannot use the database {db}: {text}; nothing was changed"
 
 
 def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
@@ -103,7 +116,18 @@ def main(argv: Sequence[str], out: TextIO = sys.stdout) -> int:
     except SettingsError as exc:
         print(f"streamchat: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(_main(settings.db, args, out))
+    problem = database_problem(settings.db)
+    if problem:
+        print(f"streamchat: {problem}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_main(settings.db, settings.db_busy_timeout, args, out))
+    except sqlite3.Error as exc:
+        print(
+            f"streamchat: {_storage_error(exc, settings.db, settings.db_busy_timeout)}",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def is_admin_command(argv: Sequence[str]) -> bool:

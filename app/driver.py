@@ -159,6 +159,46 @@ def _backoff(attempt: int, err: ProviderError) -> float:
     return min(MAX_BACKOFF, 0.25 * 2.0**attempt) * (0.5 + random.random() / 2)
 
 
+def _announce_fallback(run: Run, prev: str, target: Target) -> None:
+    log.info("run %s falls back from %s to %s", run.message_id, prev, target.settings.name)
+    run.provider, run.model = target.settings.name, target.model
+    run.publish(
+        {
+            "type": "status",
+            "message_id": run.message_id,
+            "state": "fallback",
+            "from": prev,
+            "to": target.settings.name,
+            "model": target.model,
+            "message": f"{prev} failed; answering with {target.settings.name}.",
+        }
+    )
+
+
+def _announce_retry(
+    run: Run, target: Target, err: ProviderError, attempt: int, delay: float
+) -> None:
+    log.info(
+        "run %s: %s from %s, retry %d in %.2f s",
+        run.message_id,
+        err.code,
+        target.settings.name,
+        attempt + 1,
+        delay,
+    )
+    run.publish(
+        {
+            "type": "status",
+            "message_id": run.message_id,
+            "state": "retrying",
+            "attempt": attempt + 1,
+            "code": err.code,
+            "delay": round(delay, 2),
+            "message": f"{err.message} Retrying in {delay:.1f} s.",
+        }
+    )
+
+
 async def drive(
     run: Run,
     chain: Sequence[Target],
@@ -173,20 +213,7 @@ async def drive(
     last_error: ProviderError | None = None
     for index, target in enumerate(chain):
         if index > 0:
-            prev = chain[index - 1].settings.name
-            log.info("run %s falls back from %s to %s", run.message_id, prev, target.settings.name)
-            run.provider, run.model = target.settings.name, target.model
-            run.publish(
-                {
-                    "type": "status",
-                    "message_id": run.message_id,
-                    "state": "fallback",
-                    "from": prev,
-                    "to": target.settings.name,
-                    "model": target.model,
-                    "message": f"{prev} failed; answering with {target.settings.name}.",
-                }
-            )
+            _announce_fallback(run, chain[index - 1].settings.name, target)
         for attempt in range(target.settings.retries + 1):
             sent_before = run.text_events + len(run.reasoning)
             try:
@@ -202,25 +229,7 @@ async def drive(
                 if err.retry_after is not None and err.retry_after > MAX_RETRY_AFTER:
                     break
                 delay = _backoff(attempt, err)
-                log.info(
-                    "run %s: %s from %s, retry %d in %.2f s",
-                    run.message_id,
-                    err.code,
-                    target.settings.name,
-                    attempt + 1,
-                    delay,
-                )
-                run.publish(
-                    {
-                        "type": "status",
-                        "message_id": run.message_id,
-                        "state": "retrying",
-                        "attempt": attempt + 1,
-                        "code": err.code,
-                        "delay": round(delay, 2),
-                        "message": f"{err.message} Retrying in {delay:.1f} s.",
-                    }
-                )
+                _announce_retry(run, target, err, attempt, delay)
                 await asyncio.sleep(delay)
     assert last_error is not None
     raise last_error

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from app.disconnects import DisconnectWatch
 from app.metrics import Metrics
 from app.service import ChatService
 from app.settings import Settings
@@ -23,5 +24,7 @@ SERVICE = web.AppKey("service", ChatService)
 METRICS = web.AppKey("metrics", Metrics)  # the app's own Prometheus registry and hooks
 # Open WebSocket connections, so shutdown can deliver final events and close them with 1001
 SOCKETS: web.AppKey[weakref.WeakSet[Socket]] = web.AppKey("sockets")
+# Open SSE and /v1 streams whose client may leave while nothing is written (app/disconnects.py)
+DISCONNECTS = web.AppKey("disconnects", DisconnectWatch)
 # Providers injected by the embedding code (tests: scripted fakes), merged over configured ones
 EXTRA_PROVIDERS = web.AppKey("extra_providers", dict[str, Provider])

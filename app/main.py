@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from app import auth, lifecycle, openapi, views_api, views_openai, views_sse, views_ws
+from app.disconnects import DisconnectWatch
 from app.errors import error_middleware
-from app.keys import EXTRA_PROVIDERS, METRICS, PROVIDERS, SERVICE, SETTINGS, STORE
+from app.keys import DISCONNECTS, EXTRA_PROVIDERS, METRICS, PROVIDERS, SERVICE, SETTINGS, STORE
 from app.limits import Limiter
 from app.logging_setup import request_id_header, request_id_middleware
 from app.metrics import Metrics, metrics_handler
@@ -36,6 +37,11 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_providers(app[SETTINGS], app.get(EXTRA_PROVIDERS)) as providers:
         app[PROVIDERS] = providers
         yield
+
+
+async def _disconnects_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[DISCONNECTS].close()
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -96,12 +102,13 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()  # per app, not the global registry: tests build many apps
+    app[DISCONNECTS] = DisconnectWatch()
     app.on_response_prepare.append(security_headers)
     app.on_response_prepare.append(request_id_header)
     if providers:
         app[EXTRA_PROVIDERS] = providers
     # cleanup_ctx order matters: the service needs the store and the providers.
-    app.cleanup_ctx.extend([_store_ctx, _providers_ctx, _service_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _providers_ctx, _service_ctx, _disconnects_ctx])
     app.on_startup.append(lifecycle.on_startup)
     if handle_signals:
         app.on_startup.append(_signals)

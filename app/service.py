@@ -21,7 +21,7 @@ from app.outcome import measure, terminal_event
 from app.prompt import build_prompt
 from app.runs import Run
 from app.settings import ProviderSettings, StreamingSettings
-from app.store import ConversationNotFound, NothingToAnswer, Store, new_id
+from app.store import ConversationNotFound, Exchange, NothingToAnswer, Store, new_id
 from providers.base import ChatMessage, GenerateOptions, Provider, ProviderError
 
 log = logging.getLogger(__name__)
@@ -191,45 +191,13 @@ class ChatService:
         self._check_accepting()
         if req.provider:
             self.resolve(req.provider, req.model)  # a bad choice is a 400 before anything
-
-        def choose(conv: Mapping[str, Any]) -> tuple[str, str]:
-            return self.resolve(
-                req.provider or conv.get("provider"),
-                req.model or (conv.get("model") if not req.provider else None),
-            )
-
-        title = None
-        if req.content is not None:
-            title = " ".join(req.content.split())[:TITLE_LENGTH] or None
         self._reserve(cid, user_id)
         ticket = None
         try:
             ticket = self.limiter.admit(user_id, req.content, req.options)  # before any write
-            try:
-                exchange = await self.store.start_exchange(
-                    user_id,
-                    conversation if isinstance(conversation, str) else dict(conversation),
-                    content=req.content,
-                    choose=choose,
-                    client_message_id=req.client_message_id,
-                    title=title,
-                )
-            except ConversationNotFound:
-                raise not_found() from None
-            except NothingToAnswer:
-                raise ApiError(400, "bad_request", "There is no user message to answer.") from None
+            exchange = await self._open_exchange(user_id, conversation, req)
             if exchange.duplicate is not None:
-                existing = exchange.duplicate
-                retained = self.runs.get(existing["id"])
-                if retained is not None:
-                    return retained, False
-                raise ApiError(
-                    409,
-                    "duplicate",
-                    "This message was already sent; its answer has finished.",
-                    message_id=existing["id"],
-                    message_status=existing["status"],
-                )
+                return self._duplicate(exchange.duplicate), False
             messages = build_prompt(
                 exchange.conversation, exchange.history, self.settings.history_budget
             )
@@ -248,6 +216,47 @@ class ChatService:
             self._reserved.pop(cid, None)
             self.limiter.settle(ticket)
         return run, True
+
+    async def _open_exchange(
+        self, user_id: str, conversation: Mapping[str, Any] | str, req: SendRequest
+    ) -> Exchange:
+        """Store the user's message and the streaming answer (one transaction)."""
+
+        def choose(conv: Mapping[str, Any]) -> tuple[str, str]:
+            return self.resolve(
+                req.provider or conv.get("provider"),
+                req.model or (conv.get("model") if not req.provider else None),
+            )
+
+        title = None
+        if req.content is not None:
+            title = " ".join(req.content.split())[:TITLE_LENGTH] or None
+        try:
+            return await self.store.start_exchange(
+                user_id,
+                conversation if isinstance(conversation, str) else dict(conversation),
+                content=req.content,
+                choose=choose,
+                client_message_id=req.client_message_id,
+                title=title,
+            )
+        except ConversationNotFound:
+            raise not_found() from None
+        except NothingToAnswer:
+            raise ApiError(400, "bad_request", "There is no user message to answer.") from None
+
+    def _duplicate(self, existing: Mapping[str, Any]) -> Run:
+        """A send whose client_message_id was seen: its live run, or a 409 if it ended."""
+        retained = self.runs.get(existing["id"])
+        if retained is not None:
+            return retained
+        raise ApiError(
+            409,
+            "duplicate",
+            "This message was already sent; its answer has finished.",
+            message_id=existing["id"],
+            message_status=existing["status"],
+        )
 
     async def continue_answer(
         self, user_id: str, conversation: Mapping[str, Any], mid: str, req: SendRequest

@@ -332,25 +332,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_settings(
-    config_path: str | None = None,
-    env: Mapping[str, str] | None = None,
-    cli: Mapping[str, Any] | None = None,
-) -> Settings:
-    """Build Settings from defaults < config file < env vars < CLI flags."""
-    env = os.environ if env is None else env
-    cli = {k: v for k, v in (cli or {}).items() if v is not None}
-    config_path = cli.get("config") or config_path or env.get("STREAMCHAT_CONFIG")
-    data: dict[str, Any] = {}
-    if config_path:
-        try:
-            with open(config_path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise SettingsError(f"cannot read config file {config_path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {config_path}: {exc}") from exc
-
+def _top_level(
+    data: Mapping[str, Any], env: Mapping[str, str], cli: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The top-level keys: the file's, then environment variables, then flags."""
     top = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "presets"}
     for key, env_name in (
         ("host", "STREAMCHAT_HOST"),
@@ -365,19 +350,31 @@ def load_settings(
     for key in ("host", "port", "db", "log_level"):
         if key in cli:
             top[key] = cli[key]
-    kwargs = _section(Settings, top, "top level")
+    kwargs: dict[str, Any] = _section(Settings, top, "top level")
+    if kwargs.get("log_format", "text") not in ("text", "json"):
+        raise SettingsError("log_format must be 'text' or 'json'")
+    return kwargs
 
+
+def _streaming_and_local(
+    data: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[StreamingSettings, LocalSettings]:
     streaming = dict(data.get("streaming", {}))
     if env.get("STREAMCHAT_STREAMING_ENABLED"):
         streaming["enabled"] = env["STREAMCHAT_STREAMING_ENABLED"]
     local = dict(data.get("local", {}))
     if env.get("STREAMCHAT_LOCAL_MODEL_PATH"):
         local["model_path"] = env["STREAMCHAT_LOCAL_MODEL_PATH"]
-    kwargs["streaming"] = StreamingSettings(**_section(StreamingSettings, streaming, "streaming"))
-    kwargs["local"] = LocalSettings(**_section(LocalSettings, local, "local"))
-    if kwargs["streaming"].on_disconnect not in ("continue", "cancel"):
+    stream_settings = StreamingSettings(**_section(StreamingSettings, streaming, "streaming"))
+    if stream_settings.on_disconnect not in ("continue", "cancel"):
         raise SettingsError("streaming.on_disconnect must be 'continue' or 'cancel'")
+    return stream_settings, LocalSettings(**_section(LocalSettings, local, "local"))
 
+
+def _providers(
+    data: Mapping[str, Any], env: Mapping[str, str], local_enabled: bool
+) -> dict[str, ProviderSettings]:
+    """The presets (unless `presets = false`), merged with the file's [providers.*]."""
     raw_providers: dict[str, dict[str, Any]] = {}
     if data.get("presets", True) is not False:
         raw_providers.update({k: dict(v) for k, v in PRESETS.items()})
@@ -388,7 +385,7 @@ def load_settings(
     if env.get("OPENAI_BASE_URL") and "openai" in raw_providers:
         raw_providers["openai"].setdefault("base_url", env["OPENAI_BASE_URL"])
     providers = {name: _provider(name, p, env) for name, p in raw_providers.items()}
-    if kwargs["local"].enabled and "local" not in providers:
+    if local_enabled and "local" not in providers:
         providers["local"] = ProviderSettings(
             name="local",
             kind="local",
@@ -397,13 +394,38 @@ def load_settings(
             first_token_timeout=120.0,
             retries=0,
         )
-    kwargs["providers"] = providers
+    return providers
+
+
+def _read_config(config_path: str | None) -> dict[str, Any]:
+    if not config_path:
+        return {}
+    try:
+        with open(config_path, "rb") as fh:
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {config_path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {config_path}: {exc}") from exc
+
+
+def load_settings(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults < config file < env vars < CLI flags."""
+    env = os.environ if env is None else env
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    data = _read_config(cli.get("config") or config_path or env.get("STREAMCHAT_CONFIG"))
+    kwargs = _top_level(data, env, cli)
+    kwargs["streaming"], kwargs["local"] = _streaming_and_local(data, env)
+    kwargs["providers"] = _providers(data, env, kwargs["local"].enabled)
     kwargs["auth"] = _auth(data.get("auth", {}), env)
     kwargs["limits"] = _limits(data.get("limits", {}))
     kwargs["metrics"] = _metrics(data.get("metrics", {}), env)
-    if kwargs.get("log_format", "text") not in ("text", "json"):
-        raise SettingsError("log_format must be 'text' or 'json'")
     settings = Settings(**kwargs)
-    if settings.default_provider not in providers:
+    if settings.default_provider not in kwargs["providers"]:
         raise SettingsError(f"default_provider {settings.default_provider!r} is not configured")
     return settings

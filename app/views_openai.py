@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, cast
 
 import orjson
@@ -22,7 +22,7 @@ from aiohttp_sse import EventSourceResponse
 
 from app.auth import user_id
 from app.errors import ApiError
-from app.keys import PROVIDERS, SERVICE, SETTINGS, STORE
+from app.keys import DISCONNECTS, PROVIDERS, SERVICE, SETTINGS, STORE
 from app.openai_format import (
     Chunks,
     CompletionRequest,
@@ -45,9 +45,6 @@ routes = web.RouteTableDef()
 CONVERSATION_HEADER = "X-Conversation-Id"
 MESSAGE_HEADER = "X-Message-Id"
 TRANSPORT = "openai"
-# How often a waiting handler checks whether its client hung up: aiohttp itself only
-# notices on the next write, and there may be none for a while (a queued local model).
-DISCONNECT_POLL = 0.25
 
 
 def _model_object(model_id: str, owner: str) -> dict[str, Any]:
@@ -74,13 +71,17 @@ async def get_model(request: web.Request) -> web.Response:
 # -- the endpoint ----------------------------------------------------------------------
 
 
-async def _client_gone(request: web.Request) -> None:
-    """Return once the client's connection is closed."""
-    while True:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return
-        await asyncio.sleep(DISCONNECT_POLL)
+def _client_gone(request: web.Request) -> tuple[asyncio.Future[None], Callable[[], object]]:
+    """A future set once the client's connection is closed, and the callback watched for it
+    (to hand to DISCONNECTS.discard)."""
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_gone() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    request.app[DISCONNECTS].add(request, on_gone)
+    return gone, on_gone
 
 
 async def _leave(service: ChatService, run: Run) -> None:
@@ -153,7 +154,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     created = int(time.time())
     try:
         if req.stream:
-            return await _stream(request, run, created, req.include_usage, headers)
+            return await _ChunkStream(request, run, created, req.include_usage, headers).serve()
         return await _complete(request, run, created, headers)
     finally:
         await _leave(service, run)
@@ -166,11 +167,12 @@ def _decode(batch: list[tuple[int, str]]) -> list[dict[str, Any]]:
 async def _complete(
     request: web.Request, run: Run, created: int, headers: dict[str, str]
 ) -> web.StreamResponse:
-    gone = asyncio.create_task(_client_gone(request))
+    gone, watching = _client_gone(request)
     finished = asyncio.create_task(run.wait_finished())
     try:
         await asyncio.wait({gone, finished}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        request.app[DISCONNECTS].discard(watching)
         gone.cancel()
         finished.cancel()
     if not run.done:
@@ -189,78 +191,96 @@ async def _complete(
     return web.json_response(body, headers=headers)
 
 
-async def _stream(
-    request: web.Request, run: Run, created: int, include_usage: bool, headers: dict[str, str]
-) -> web.StreamResponse:
-    """Stream the run as chunks.
+class _ChunkStream:
+    """One /v1 streaming response: the run's events as chat.completion.chunk frames.
 
     Headers are held until the first text (or the end), at most streaming.heartbeat
     seconds, so a failure before any text (rate limit, unknown model upstream) is an
     ordinary HTTP error the client's SDK raises as its own exception class.
     """
-    heartbeat = request.app[SETTINGS].streaming.heartbeat
-    loop = asyncio.get_running_loop()
-    hold_until = loop.time() + heartbeat
-    events = cast(AsyncGenerator[list[tuple[int, str]], None], run.follow(0))
-    gone = asyncio.create_task(_client_gone(request))
-    pending: asyncio.Future[list[tuple[int, str]] | None] | None = None
-    resp: EventSourceResponse | None = None
-    chunks: Chunks | None = None
 
-    async def open_stream() -> EventSourceResponse:
-        nonlocal chunks
+    def __init__(
+        self,
+        request: web.Request,
+        run: Run,
+        created: int,
+        include_usage: bool,
+        headers: dict[str, str],
+    ) -> None:
+        self.request, self.run, self.headers = request, run, headers
+        self.created, self.include_usage = created, include_usage
+        self.heartbeat = request.app[SETTINGS].streaming.heartbeat
+        self.resp: EventSourceResponse | None = None
+        self.chunks: Chunks | None = None
+
+    async def open(self) -> EventSourceResponse:
+        """Send the headers and the first chunk (the assistant's role)."""
         out = EventSourceResponse(
-            headers=headers, allow_all_methods=True, sep="\n", ping_interval=heartbeat
+            headers=self.headers, allow_all_methods=True, sep="\n", ping_interval=self.heartbeat
         )
-        await out.prepare(request)
-        chunks = Chunks(
-            f"chatcmpl-{run.message_id}", created, f"{run.provider}/{run.model}", include_usage
-        )
-        await out.send(chunks.chunk({"role": "assistant", "content": ""}))
+        await out.prepare(self.request)
+        self.resp = out
+        # named when the first text comes, which may be after a fallback to another model
+        run = self.run
+        model = f"{run.provider}/{run.model}"
+        self.chunks = Chunks(f"chatcmpl-{run.message_id}", self.created, model, self.include_usage)
+        await out.send(self.chunks.chunk({"role": "assistant", "content": ""}))
         return out
 
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events, None))
-            timeout = max(0.0, hold_until - loop.time()) if resp is None else None
-            waiting: set[asyncio.Future[Any]] = {pending, gone}
-            done, _ = await asyncio.wait(
-                waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            if pending in done:
-                batch = pending.result()
-                pending = None
-                if batch is None:
-                    break
-                decoded = [e for e in _decode(batch) if e["type"] not in ("start", "status")]
-                if not decoded:
-                    continue
-                if resp is None:
-                    if decoded[0]["type"] == "error":
-                        raise upstream_error(decoded[0], headers)
-                    resp = await open_stream()
-                assert chunks is not None
-                for frame in chunks.frames(decoded):
-                    await resp.send(frame)
-            elif gone in done:
-                return resp or web.Response(status=204)
-            else:  # held long enough: show the client the answer has begun
-                resp = await open_stream()
-        if resp is None:  # the run ended without a terminal event we saw (cannot happen)
-            resp = await open_stream()
-        await resp.send("[DONE]")
-        return resp
-    except (ConnectionResetError, TimeoutError):
-        log.debug("openai stream client went away (message %s)", run.message_id)
-        return resp or web.Response(status=204)
-    finally:
-        gone.cancel()
-        if resp is not None:
-            resp.stop_streaming()  # ends the ping task; aiohttp then finishes the response
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
-        with contextlib.suppress(RuntimeError):
-            await events.aclose()
+    async def send(self, batch: list[tuple[int, str]]) -> None:
+        """Relay one batch of the run's events (status and start events have no chunk)."""
+        decoded = [e for e in _decode(batch) if e["type"] not in ("start", "status")]
+        if not decoded:
+            return
+        resp = self.resp
+        if resp is None:
+            if decoded[0]["type"] == "error":
+                raise upstream_error(decoded[0], self.headers)
+            resp = await self.open()
+        assert self.chunks is not None
+        for frame in self.chunks.frames(decoded):
+            await resp.send(frame)
+
+    async def serve(self) -> web.StreamResponse:
+        """Relay until the run ends ([DONE]) or the client goes away."""
+        loop = asyncio.get_running_loop()
+        hold_until = loop.time() + self.heartbeat
+        events = cast(AsyncGenerator[list[tuple[int, str]], None], self.run.follow(0))
+        gone, watching = _client_gone(self.request)
+        pending: asyncio.Future[list[tuple[int, str]] | None] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(events, None))
+                timeout = max(0.0, hold_until - loop.time()) if self.resp is None else None
+                waiting: set[asyncio.Future[Any]] = {pending, gone}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if pending in done:
+                    batch = pending.result()
+                    pending = None
+                    if batch is None:
+                        break
+                    await self.send(batch)
+                elif gone in done:
+                    return self.resp or web.Response(status=204)
+                else:  # held long enough: show the client the answer has begun
+                    await self.open()
+            resp = self.resp or await self.open()  # (an end without a terminal event)
+            await resp.send("[DONE]")
+            return resp
+        except (ConnectionResetError, TimeoutError):
+            log.debug("openai stream client went away (message %s)", self.run.message_id)
+            return self.resp or web.Response(status=204)
+        finally:
+            self.request.app[DISCONNECTS].discard(watching)
+            gone.cancel()
+            if self.resp is not None:
+                self.resp.stop_streaming()  # ends the ping task; aiohttp then finishes it
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
+            with contextlib.suppress(RuntimeError):
+                await events.aclose()

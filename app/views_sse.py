@@ -12,7 +12,7 @@ from aiohttp_sse import EventSourceResponse
 from app.auth import user_id
 from app.errors import ApiError, not_found
 from app.events import replay_finished
-from app.keys import METRICS, SERVICE, SETTINGS, STORE
+from app.keys import DISCONNECTS, METRICS, SERVICE, SETTINGS, STORE
 from app.runs import Run
 from app.service import ChatService
 from app.validate import check_id, json_body, parse_regenerate, parse_send
@@ -58,6 +58,14 @@ async def _respond(
         await resp.prepare(request)
     except ConnectionResetError:
         raise asyncio.CancelledError from None
+    # A client that leaves while nothing is written (a slow first token, a quiet run)
+    # ends this handler within DisconnectWatch.poll, not at the next write: it stops
+    # counting as a subscriber, and with on_disconnect = "cancel" the run stops.
+    watch = request.app[DISCONNECTS]
+    task = asyncio.current_task()
+    assert task is not None
+    watching = task.cancel
+    watch.add(request, watching)
     try:
         async for batch in batches:
             if len(batch) > settings.subscriber_lag_limit:
@@ -90,6 +98,7 @@ async def _respond(
     except (ConnectionResetError, TimeoutError):
         pass  # the client went away (or stalled and was cut); the run goes on without it
     finally:
+        watch.discard(watching)
         resp.stop_streaming()
     return resp
 

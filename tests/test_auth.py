@@ -268,6 +268,42 @@ async def test_cli_keys_are_shown_once_and_stored_hashed(
     assert resp.status == 401
 
 
+def test_a_locked_missing_or_foreign_database_is_one_clear_line(
+    db_path: str, tmp_path: Any, capsys: Any
+) -> None:
+    config = tmp_path / "busy.toml"
+    config.write_text("db_busy_timeout = 0.2\n")
+    assert cli.main(["--db", db_path, "user", "list"], io.StringIO()) == 0  # creates the schema
+    holder = sqlite3.connect(db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer (the server, a second admin) holds it
+    try:
+        argv = ["--config", str(config), "--db", db_path, "user", "create", "carol"]
+        assert cli.main(argv, io.StringIO()) == 1
+        err = capsys.readouterr().err
+        assert "stayed locked by another writer for 0.2 s" in err and "nothing was changed" in err
+        assert "Traceback" not in err
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    listing = io.StringIO()
+    assert cli.main(["--db", db_path, "user", "list"], listing) == 0
+    assert "carol" not in listing.getvalue()
+    assert cli.main(["--db", db_path, "user", "create", "carol"], io.StringIO()) == 0
+
+    # a wrong path, or a file that is no database, is one line from the CLI and the server
+    missing = str(tmp_path / "no-such-dir" / "x.db")
+    assert cli.main(["--db", missing, "user", "list"], io.StringIO()) == 1
+    assert run.main(["--db", missing, "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"cannot open the database {missing}: the directory") == 2
+    junk = tmp_path / "notes.txt"
+    junk.write_bytes(b"not a database " * 200)
+    assert run.main(["--db", str(junk), "--port", "1"]) == 2
+    assert cli.main(["--db", str(junk), "user", "list"], io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert err.count("file is not a database") == 2 and "Traceback" not in err
+
+
 def test_cli_is_chosen_by_its_subcommands() -> None:
     assert cli.is_admin_command(["user", "create", "x"])
     assert cli.is_admin_command(["--db", "x.db", "key", "list"])

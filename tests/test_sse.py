@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from app.keys import DISCONNECTS, SERVICE
 from tests.fakes import ScriptedProvider, words
 from tests.helpers import ProductionServer, new_conversation, parse_frames, read_events, text_of
 
@@ -196,3 +197,39 @@ async def test_client_gone_before_the_answer_starts_is_no_error(
         assert [m["content"] for m in messages] == ["hi", "still here"]
         assert [m["status"] for m in messages] == ["complete", "complete"]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("on_disconnect", ["cancel", "continue"])
+async def test_a_client_leaving_a_quiet_stream_is_noticed_without_a_write(
+    make_app: Callable[..., web.Application], fake: ScriptedProvider, on_disconnect: str
+) -> None:
+    """The run goes quiet (a slow provider; the heartbeat is 15 s away) and the client
+    closes: the server must notice without writing. It stops counting the subscriber,
+    and with on_disconnect = "cancel" stops the provider, within the watch's poll."""
+    fake.enqueue([("text", "first "), ("sleep", 30.0), ("text", "late"), ("finish", "stop")])
+    app = make_app(streaming={"on_disconnect": on_disconnect})
+    async with TestClient(ProductionServer(app)) as client:
+        cid = await new_conversation(client)
+        resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+        events = await read_events(resp, limit=2)  # start, then "first "
+        assert events[-1]["type"] == "chunk"
+        service = client.app[SERVICE]
+        run = service.get_run(events[0]["message_id"])
+        assert run is not None and sum(run.subscribers.values()) == 1
+        loop = asyncio.get_running_loop()
+        resp.close()
+        closed = loop.time()
+        if on_disconnect == "cancel":
+            await asyncio.wait_for(run.wait_finished(), 5)
+            assert fake.calls[0].closed_early is True
+            conv = await (await client.get(f"/api/v1/conversations/{cid}")).json()
+            assert conv["messages"][1]["status"] == "cancelled"
+            assert conv["messages"][1]["content"] == "first "
+        else:
+            for _ in range(250):  # bounded: 5 s
+                if not sum(run.subscribers.values()):
+                    break
+                await asyncio.sleep(0.02)
+            assert sum(run.subscribers.values()) == 0 and not run.done  # the run goes on
+        assert loop.time() - closed < 2.0  # the watch polls every 0.25 s; a write is 15+ s away
+        assert len(client.app[DISCONNECTS]) == 0

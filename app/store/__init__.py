@@ -6,7 +6,9 @@ and keys (accounts.py), conversations and messages (here). Nothing else writes S
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -24,6 +26,7 @@ __all__ = [
     "Exchange",
     "NothingToAnswer",
     "Store",
+    "database_problem",
     "new_id",
     "open_admin_store",
     "open_store",
@@ -72,6 +75,29 @@ class Exchange:
     message_id: str
     history: list[Row]  # the conversation's messages, the new user message last
     duplicate: Row | None = None
+
+
+def _conversation_row(c: sqlite3.Connection, conversation: Row | str, user_id: str) -> Row:
+    """The conversation as given, or read by id (ConversationNotFound unless the user's)."""
+    if not isinstance(conversation, str):
+        return conversation
+    conv: Row | None = c.execute(GET_CONVERSATION, (conversation, user_id)).fetchone()
+    if conv is None:
+        raise ConversationNotFound(conversation)
+    return conv
+
+
+def _drop_trailing_answers(c: sqlite3.Connection, cid: str, history: list[Row]) -> None:
+    """A regenerate: delete the answers after the last user message (NothingToAnswer
+    when there is no user message), in the database and in `history`."""
+    if not any(m["role"] == "user" for m in history):
+        raise NothingToAnswer(cid)
+    cut = len(history)
+    while cut and history[cut - 1]["role"] == "assistant":
+        cut -= 1
+    if cut < len(history):
+        c.execute(DELETE_FROM, (cid, history[cut]["id"], cid))
+        del history[cut:]
 
 
 class Store(AccountQueries):
@@ -205,13 +231,7 @@ class Store(AccountQueries):
         aid = new_id()
 
         def write(c: sqlite3.Connection) -> Exchange:
-            conv: Row | None
-            if isinstance(conversation, str):
-                conv = c.execute(GET_CONVERSATION, (conversation, user_id)).fetchone()
-                if conv is None:
-                    raise ConversationNotFound(conversation)
-            else:
-                conv = conversation
+            conv = _conversation_row(c, conversation, user_id)
             cid = conv["id"]
             if client_message_id is not None:
                 dup = c.execute(
@@ -224,14 +244,7 @@ class Store(AccountQueries):
             provider, model = choose(conv)
             history: list[Row] = c.execute(LIST_MESSAGES, (cid,)).fetchall()
             if content is None:
-                if not any(m["role"] == "user" for m in history):
-                    raise NothingToAnswer(cid)
-                cut = len(history)
-                while cut and history[cut - 1]["role"] == "assistant":
-                    cut -= 1
-                if cut < len(history):
-                    c.execute(DELETE_FROM, (cid, history[cut]["id"], cid))
-                    del history[cut:]
+                _drop_trailing_answers(c, cid, history)
             else:
                 c.execute(
                     "INSERT INTO messages (id, conversation_id, role, content, status,"
@@ -336,8 +349,22 @@ class Store(AccountQueries):
         )
 
 
+def database_problem(path: str) -> str | None:
+    """Why the database file cannot be used, or None; checked before the server or an
+    admin command starts, so a wrong path is one clear line rather than a traceback."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"cannot open the database {path}: the directory {folder} does not exist"
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=1.0)) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as exc:
+        return f"cannot open the database {path}: {exc}"
+    return None
+
+
 @asynccontextmanager
-async def open_admin_store(path: str) -> AsyncIterator[Store]:
+async def open_admin_store(path: str, busy_timeout: float = 5.0) -> AsyncIterator[Store]:
     """Open the database for the admin CLI: migrate, but leave live answers alone.
 
     The server may be running on the same file, so this must not mark its
@@ -345,8 +372,8 @@ async def open_admin_store(path: str) -> AsyncIterator[Store]:
     """
     db = await aiosqlite.connect(path)
     try:
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA busy_timeout = 5000")
         await db.execute("PRAGMA foreign_keys = ON")
         store = Store(db)
         await store.migrate()
