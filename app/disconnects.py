@@ -6,20 +6,24 @@ otherwise only noticed at the next write: for an SSE stream that may be a heartb
 away, or a provider's slow first token. Until then the dead client counts as a
 subscriber, and with streaming.on_disconnect = "cancel" the provider keeps generating.
 
-One task for the whole app looks at every open stream's transport a few times a
-second (a dictionary walk: about 0.2 µs a stream) and calls the stream's callback once
-its connection is closing. A task and a timer per stream would cost each stream a
-kilobyte and a wake-up per poll.
+One task for the whole app looks at every open stream's transport four times a second
+and calls the stream's callback once its connection is closing. `python -m
+bench.disconnect_watch` (uvloop, 2,000 real loopback connections): a look costs 0.03-0.05
+µs a stream (0.2% of a core at 10,000 streams) and a watched stream holds 110 bytes,
+where a polling task per stream (what /v1 had) holds 2.5 KB and wakes the loop each poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
 
 POLL = 0.25  # seconds between looks; the most a disconnect goes unnoticed
 
@@ -54,7 +58,10 @@ class DisconnectWatch:
         ]
         for on_gone in gone:
             del self._watched[on_gone]
-            on_gone()
+            try:
+                on_gone()
+            except Exception:  # one stream's callback must not stop the watch for all
+                log.exception("disconnect callback failed")
         return len(gone)
 
     async def _run(self) -> None:
