@@ -18,7 +18,6 @@ from typing import Any, cast
 
 import orjson
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from app.auth import user_id
 from app.errors import ApiError
@@ -35,6 +34,7 @@ from app.openai_format import (
 )
 from app.runs import Run
 from app.service import ChatService, SendRequest
+from app.sse_response import SSEResponse
 from app.validate import MAX_SYSTEM, check_id, json_body
 from app.views_api import streaming_enabled
 
@@ -210,12 +210,12 @@ class _ChunkStream:
         self.request, self.run, self.headers = request, run, headers
         self.created, self.include_usage = created, include_usage
         self.heartbeat = request.app[SETTINGS].streaming.heartbeat
-        self.resp: EventSourceResponse | None = None
+        self.resp: SSEResponse | None = None
         self.chunks: Chunks | None = None
 
-    async def open(self) -> EventSourceResponse:
+    async def open(self) -> SSEResponse:
         """Send the headers and the first chunk (the assistant's role)."""
-        out = EventSourceResponse(
+        out = SSEResponse(
             headers=self.headers, allow_all_methods=True, sep="\n", ping_interval=self.heartbeat
         )
         await out.prepare(self.request)

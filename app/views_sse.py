@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from app.auth import user_id
 from app.errors import ApiError, not_found
@@ -15,6 +14,7 @@ from app.events import replay_finished
 from app.keys import DISCONNECTS, METRICS, SERVICE, SETTINGS, STORE
 from app.runs import Run
 from app.service import ChatService
+from app.sse_response import SSEResponse
 from app.validate import check_id, json_body, parse_regenerate, parse_send
 from app.views_api import load_conversation, streaming_enabled
 
@@ -41,9 +41,9 @@ def _after(request: web.Request) -> int:
 
 async def _respond(
     request: web.Request, batches: AsyncIterator[list[tuple[int, str]]]
-) -> EventSourceResponse:
+) -> SSEResponse:
     settings = request.app[SETTINGS].streaming
-    resp = EventSourceResponse(
+    resp = SSEResponse(
         allow_all_methods=True,
         sep="\n",
         ping_interval=settings.heartbeat,
