@@ -14,6 +14,7 @@ from app.events import replay_finished
 from app.keys import DISCONNECTS, METRICS, SERVICE, SETTINGS, STORE
 from app.runs import Run
 from app.service import ChatService
+from app.settings import StreamingSettings
 from app.sse_response import SSEResponse
 from app.validate import check_id, json_body, parse_regenerate, parse_send
 from app.views_api import load_conversation, streaming_enabled
@@ -39,10 +40,10 @@ def _after(request: web.Request) -> int:
     return after
 
 
-async def _respond(
-    request: web.Request, batches: AsyncIterator[list[tuple[int, str]]]
-) -> SSEResponse:
-    settings = request.app[SETTINGS].streaming
+async def _open(request: web.Request, settings: StreamingSettings) -> SSEResponse:
+    """Send the SSE headers. A client that left while its run was starting: the run goes
+    on (resumable) and the response ends as aiohttp-sse ends one whose client is gone,
+    not as a server error."""
     resp = SSEResponse(
         allow_all_methods=True,
         sep="\n",
@@ -50,14 +51,20 @@ async def _respond(
         # a write blocked this long aborts the connection (aiohttp-sse does the abort)
         send_timeout=settings.send_timeout,
     )
-    # A client that left while its run was starting: the run goes on (resumable) and the
-    # response ends as aiohttp-sse ends one whose client is gone, not as a server error.
     if request.transport is None or request.transport.is_closing():
         raise asyncio.CancelledError
     try:
         await resp.prepare(request)
     except ConnectionResetError:
         raise asyncio.CancelledError from None
+    return resp
+
+
+async def _respond(
+    request: web.Request, batches: AsyncIterator[list[tuple[int, str]]]
+) -> SSEResponse:
+    settings = request.app[SETTINGS].streaming
+    resp = await _open(request, settings)
     # A client that leaves while nothing is written (a slow first token, a quiet run)
     # ends this handler within DisconnectWatch.poll, not at the next write: it stops
     # counting as a subscriber, and with on_disconnect = "cancel" the run stops.

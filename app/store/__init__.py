@@ -87,6 +87,31 @@ def _conversation_row(c: sqlite3.Connection, conversation: Row | str, user_id: s
     return conv
 
 
+def _answer_to(c: sqlite3.Connection, cid: str, client_message_id: str | None) -> Row | None:
+    """The answer already stored for a send with this client_message_id, if any."""
+    if client_message_id is None:
+        return None
+    row: Row | None = c.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?"
+        " AND client_message_id = ? AND role = 'assistant'",
+        (cid, client_message_id),
+    ).fetchone()
+    return row
+
+
+def _add_user_message(
+    c: sqlite3.Connection, cid: str, uid: str, content: str, now: float, history: list[Row]
+) -> None:
+    """Insert the user's message, and append it to `history`."""
+    c.execute(
+        "INSERT INTO messages (id, conversation_id, role, content, status,"
+        " client_message_id, created_at, updated_at)"
+        " VALUES (?, ?, 'user', ?, 'complete', NULL, ?, ?)",
+        (uid, cid, content, now, now),
+    )
+    history.append({"id": uid, "role": "user", "content": content, "status": "complete"})
+
+
 def _drop_trailing_answers(c: sqlite3.Connection, cid: str, history: list[Row]) -> None:
     """A regenerate: delete the answers after the last user message (NothingToAnswer
     when there is no user message), in the database and in `history`."""
@@ -233,28 +258,15 @@ class Store(AccountQueries):
         def write(c: sqlite3.Connection) -> Exchange:
             conv = _conversation_row(c, conversation, user_id)
             cid = conv["id"]
-            if client_message_id is not None:
-                dup = c.execute(
-                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ?"
-                    " AND client_message_id = ? AND role = 'assistant'",
-                    (cid, client_message_id),
-                ).fetchone()
-                if dup is not None:
-                    return Exchange(conv, "", "", None, "", [], duplicate=dup)
+            dup = _answer_to(c, cid, client_message_id)
+            if dup is not None:
+                return Exchange(conv, "", "", None, "", [], duplicate=dup)
             provider, model = choose(conv)
             history: list[Row] = c.execute(LIST_MESSAGES, (cid,)).fetchall()
-            if content is None:
+            if content is None or uid is None:
                 _drop_trailing_answers(c, cid, history)
             else:
-                c.execute(
-                    "INSERT INTO messages (id, conversation_id, role, content, status,"
-                    " client_message_id, created_at, updated_at)"
-                    " VALUES (?, ?, 'user', ?, 'complete', NULL, ?, ?)",
-                    (uid, cid, content, now, now),
-                )
-                history.append(
-                    {"id": uid, "role": "user", "content": content, "status": "complete"}
-                )
+                _add_user_message(c, cid, uid, content, now, history)
             c.execute(
                 "INSERT INTO messages (id, conversation_id, role, content, status, provider,"
                 " model, client_message_id, created_at, updated_at)"
