@@ -75,6 +75,7 @@ class Run:
         "usage",
         "user_id",
         "user_message_id",
+        "waiting_since",
     )
 
     def __init__(
@@ -123,7 +124,8 @@ class Run:
         self.flushed_seq = 0
         # one future per waiting subscriber: a shared one would need asyncio.shield (so one
         # subscriber leaving cannot cancel it for all), which costs every wake-up a loop turn
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[bool]] = []
+        self.waiting_since = 0.0  # when the oldest waiting subscriber began to wait
         self._finished: asyncio.Event | None = None  # made by the first wait_finished()
 
     @property
@@ -203,12 +205,20 @@ class Run:
         """The newest event's JSON."""
         return self.events(len(self._kinds) - 1)[0][1]
 
-    def _wake(self) -> None:
+    def _wake(self, ping: bool = False) -> None:
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 if not waiter.done():  # a subscriber that left cancelled its own
-                    waiter.set_result(None)
+                    waiter.set_result(ping)
+
+    def quiet_for(self, now: float) -> float:
+        """How long (time.monotonic) a subscriber has waited with nothing to write; 0 if none."""
+        return now - self.waiting_since if self._waiters else 0.0
+
+    def ping(self) -> None:
+        """Wake the waiting subscribers with an empty batch: time for a heartbeat."""
+        self._wake(ping=True)
 
     def mark_finished(self) -> None:
         """Called once the final state is saved and the terminal event published."""
@@ -224,13 +234,16 @@ class Run:
             self._finished = asyncio.Event()  # an Event is 1 KB: only for runs awaited
         await self._finished.wait()
 
-    async def _wait_for_more(self, after: int) -> None:
+    async def _wait_for_more(self, after: int) -> bool:
+        """Wait for events after `after`; True when woken by ping() instead."""
         if len(self._kinds) > after or self.done:
-            return
-        waiter = asyncio.get_running_loop().create_future()
+            return False
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if not self._waiters:
+            self.waiting_since = time.monotonic()
         self._waiters.append(waiter)
         try:
-            await waiter
+            return await waiter
         except asyncio.CancelledError:  # this subscriber left
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -240,7 +253,8 @@ class Run:
         """Yield batches of (seq, json) after `after` until the terminal event.
 
         Everything that accumulated while the subscriber was busy writing comes as
-        one batch, so slow readers coalesce naturally instead of buffering.
+        one batch, so slow readers coalesce naturally instead of buffering. An empty
+        batch is the heartbeat (app/heartbeat.py): nothing was written for a while.
         """
         while True:
             end = len(self._kinds)
@@ -258,7 +272,8 @@ class Run:
                 continue
             if self.done:
                 return
-            await self._wait_for_more(after)
+            if await self._wait_for_more(after) and len(self._kinds) == after:
+                yield []
 
     def subscribe(self, transport: str) -> None:
         """Count a subscriber (for metrics and on_disconnect)."""

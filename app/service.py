@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from app.driver import Target, drive
 from app.errors import ApiError, not_found
 from app.flusher import Flusher
+from app.heartbeat import Heartbeat
 from app.limits import UNLIMITED, Limiter
 from app.metrics import Metrics
 from app.outcome import measure, terminal_event
@@ -89,13 +90,15 @@ class ChatService:
         self.flusher = Flusher(
             store, self.metrics, self.live_by_conversation, settings.flush_interval
         )
+        self.heartbeat = Heartbeat(self.runs, settings.heartbeat)
         self.accepting = True
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start_background(self) -> None:
-        """Start the single flusher task that batches all live runs' writes."""
+        """Start the flusher (batches all live runs' writes) and the SSE heartbeat."""
         self.flusher.start()
+        self.heartbeat.start()
 
     async def drain(self, grace: float) -> int:
         """Stop accepting runs, give live ones `grace` seconds, then interrupt the rest.
@@ -123,6 +126,7 @@ class ChatService:
     async def close(self) -> None:
         """Interrupt whatever is still live and stop the flusher."""
         await self.drain(0)
+        await self.heartbeat.stop()
         await self.flusher.stop()
 
     # -- choosing a provider -----------------------------------------------------------

@@ -81,6 +81,16 @@ class StreamingSettings:
     subscriber_lag_limit: int = 10_000  # ...and so is one this many events behind the run
 
 
+POSITIVE_STREAMING = (
+    "flush_interval",
+    "heartbeat",
+    "history_budget",
+    "status_interval",
+    "send_timeout",
+    "subscriber_lag_limit",
+)
+
+
 @dataclass(frozen=True)
 class AuthSettings:
     """Who may use the server (see app/auth.py)."""
@@ -368,6 +378,11 @@ def _streaming_and_local(
     stream_settings = StreamingSettings(**_section(StreamingSettings, streaming, "streaming"))
     if stream_settings.on_disconnect not in ("continue", "cancel"):
         raise SettingsError("streaming.on_disconnect must be 'continue' or 'cancel'")
+    for name in POSITIVE_STREAMING:  # 0 would spin a loop or cut every client at once
+        if not getattr(stream_settings, name) > 0:
+            raise SettingsError(f"streaming.{name} must be positive")
+    if stream_settings.shutdown_grace < 0:
+        raise SettingsError("streaming.shutdown_grace must not be negative")
     return stream_settings, LocalSettings(**_section(LocalSettings, local, "local"))
 
 

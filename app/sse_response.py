@@ -1,29 +1,25 @@
-"""aiohttp-sse's EventSourceResponse, without the reference cycle each stream left behind.
+"""aiohttp-sse's EventSourceResponse, without its ping task per response.
 
-stop_streaming() cancels the response's ping task. A cancelled task keeps its
-CancelledError, whose traceback holds the ping coroutine's frame, whose `self` is the
-response, which holds the task: a cycle of 14 objects per stream (the response, its
-headers, the task, its timer, the exception, frames and contexts) that only the garbage
-collector could free. At 100 concurrent streams the collections it set off took 10-70 ms
-at a time, and the streams starting meanwhile saw it in their time to first token
-(docs/performance.md). Here the ping loop ends by returning, so nothing keeps the
-exception and reference counting frees each response as its stream ends.
+aiohttp-sse starts a task per response that sleeps and writes a `: ping` comment every
+`ping_interval`. Each costs about 2 KB and a timer for as long as its stream is open,
+wakes whether or not the stream is busy, and, once stop_streaming() cancelled it, kept
+its CancelledError, whose traceback held the ping coroutine's frame, whose `self` is
+the response, which held the task: a reference cycle per stream that only the garbage
+collector could free (at 100 concurrent streams its collections stalled the server
+10-70 ms, docs/performance.md). Here the ping coroutine returns at once: one task for
+the whole server (app/heartbeat.py) pings the streams that have been quiet, and the
+handlers write the comment (PING) themselves.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp_sse import EventSourceResponse
+
+PING = b": ping\n\n"  # the bytes aiohttp-sse writes with sep="\n"
 
 
 class SSEResponse(EventSourceResponse):
-    """An EventSourceResponse whose ping task ends without storing a CancelledError."""
+    """An EventSourceResponse that leaves heartbeats to app/heartbeat.py."""
 
     async def _ping(self) -> None:
-        try:
-            await super()._ping()
-        except asyncio.CancelledError:
-            # stop_streaming() (or shutdown) ended the pings; nothing awaits this task's
-            # outcome but aiohttp-sse's wait(), which returns either way
-            return
+        return

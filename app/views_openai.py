@@ -34,7 +34,7 @@ from app.openai_format import (
 )
 from app.runs import Run
 from app.service import ChatService, SendRequest
-from app.sse_response import SSEResponse
+from app.sse_response import PING, SSEResponse
 from app.validate import MAX_SYSTEM, check_id, json_body
 from app.views_api import streaming_enabled
 
@@ -215,9 +215,7 @@ class _ChunkStream:
 
     async def open(self) -> SSEResponse:
         """Send the headers and the first chunk (the assistant's role)."""
-        out = SSEResponse(
-            headers=self.headers, allow_all_methods=True, sep="\n", ping_interval=self.heartbeat
-        )
+        out = SSEResponse(headers=self.headers, allow_all_methods=True, sep="\n")
         await out.prepare(self.request)
         self.resp = out
         # named when the first text comes, which may be after a fallback to another model
@@ -228,7 +226,15 @@ class _ChunkStream:
         return out
 
     async def send(self, batch: list[tuple[int, str]]) -> None:
-        """Relay one batch of the run's events (status and start events have no chunk)."""
+        """Relay one batch of the run's events (status and start events have no chunk).
+
+        An empty batch is the heartbeat (app/heartbeat.py): a `: ping` comment, which
+        SSE readers (the openai SDK's among them) skip, once the headers are out.
+        """
+        if not batch:
+            if self.resp is not None:
+                await self.resp.write(PING)
+            return
         decoded = [e for e in _decode(batch) if e["type"] not in ("start", "status")]
         if not decoded:
             return
@@ -277,7 +283,7 @@ class _ChunkStream:
             self.request.app[DISCONNECTS].discard(watching)
             gone.cancel()
             if self.resp is not None:
-                self.resp.stop_streaming()  # ends the ping task; aiohttp then finishes it
+                self.resp.stop_streaming()
             if pending is not None:
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):

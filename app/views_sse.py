@@ -15,7 +15,7 @@ from app.keys import DISCONNECTS, METRICS, SERVICE, SETTINGS, STORE
 from app.runs import Run
 from app.service import ChatService
 from app.settings import StreamingSettings
-from app.sse_response import SSEResponse
+from app.sse_response import PING, SSEResponse
 from app.validate import check_id, json_body, parse_regenerate, parse_send
 from app.views_api import load_conversation, streaming_enabled
 
@@ -47,8 +47,7 @@ async def _open(request: web.Request, settings: StreamingSettings) -> SSERespons
     resp = SSEResponse(
         allow_all_methods=True,
         sep="\n",
-        ping_interval=settings.heartbeat,
-        # a write blocked this long aborts the connection (aiohttp-sse does the abort)
+        # sets TCP_USER_TIMEOUT: unacknowledged data this long and the kernel drops the peer
         send_timeout=settings.send_timeout,
     )
     if request.transport is None or request.transport.is_closing():
@@ -83,7 +82,12 @@ async def _respond(
                 break
             # One write per batch: the same bytes resp.send() frames event by event (our
             # JSON has no raw line breaks), without its per-event regex, buffer and timer.
-            frames = "".join([f"id: {seq}\ndata: {data}\n\n" for seq, data in batch]).encode()
+            # An empty batch is the heartbeat: the stream was quiet (app/heartbeat.py).
+            frames = (
+                "".join([f"id: {seq}\ndata: {data}\n\n" for seq, data in batch]).encode()
+                if batch
+                else PING
+            )
             transport = request.transport
             if (
                 transport is not None

@@ -37,3 +37,21 @@ def test_bad_settings_are_clear(tmp_path: Any) -> None:
         load_settings(env={}, cli={"config": str(cfg)})
     with pytest.raises(SettingsError, match="cannot read"):
         load_settings(env={}, cli={"config": str(tmp_path / "missing.toml")})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("heartbeat = 0", "streaming.heartbeat must be positive"),
+        ("flush_interval = -1", "streaming.flush_interval must be positive"),
+        ("send_timeout = 0", "streaming.send_timeout must be positive"),
+        ("subscriber_lag_limit = 0", "streaming.subscriber_lag_limit must be positive"),
+        ("shutdown_grace = -5", "streaming.shutdown_grace must not be negative"),
+    ],
+)
+def test_streaming_intervals_must_be_positive(tmp_path: Any, line: str, message: str) -> None:
+    """A zero heartbeat or flush interval would spin a loop; say so instead of starting."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[streaming]\n{line}\n")
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env={}, cli={"config": str(cfg)})

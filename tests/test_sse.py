@@ -148,6 +148,31 @@ async def test_heartbeat_comment_while_waiting(
     assert text_of([ev for _, ev in frames]) == "late"
 
 
+async def test_only_a_quiet_stream_is_pinged_and_no_stream_holds_a_ping_task(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    """Heartbeats come from one task for the server (app/heartbeat.py), not a task per
+    response, and only to a subscriber that has waited most of `heartbeat` with nothing
+    to write: a stream busy with tokens gets none."""
+    client = await aiohttp_client(make_app(streaming={"heartbeat": 0.3}))
+    busy = " ".join(f"b{i}" for i in range(15))
+    quiet = [("sleep", 1.2), ("text", " late"), ("finish", "stop")]
+    fake.enqueue(words(busy, delay=0.02, finish="")[:-2] + quiet)  # (no usage, no finish)
+    cid = await new_conversation(client)
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "x"})
+    raw = ""
+    while ": ping" not in raw:  # bounded by the test timeout; the quiet part is 1.2 s
+        raw += (await resp.content.readany()).decode()
+    pingers = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.endswith("._ping")]
+    assert pingers == []  # the stream is open and quiet: aiohttp-sse would have one here
+    raw += await resp.text()
+    before_quiet, _, during_quiet = raw.partition(": ping\n\n")
+    assert text_of([ev for _, ev in parse_frames(before_quiet)]) == busy
+    assert ": ping" not in before_quiet
+    assert during_quiet.count(": ping\n\n") >= 2  # about every 0.3 s over 1.2 s
+    assert text_of([ev for _, ev in parse_frames(raw)]) == busy + " late"
+
+
 async def test_streaming_disabled_is_503_but_blocking_send_works(
     aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
 ) -> None:
