@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 TICKS = 4  # looks per interval: a silence lasts between (1 - 1/TICKS) and 1 interval
 
 
+def quiet_after(interval: float) -> float:
+    """How long a subscriber waits with nothing to write before the heartbeat wakes it."""
+    return interval * (1 - 1 / TICKS)
+
+
 class Heartbeat:
     """Pings the quiet subscribers of `runs` (a live mapping) every `interval` seconds."""
 
@@ -48,7 +53,7 @@ class Heartbeat:
 
     def sweep(self, now: float) -> int:
         """Ping every run whose subscribers waited `interval - tick`; return how many."""
-        due = self.interval - self.tick
+        due = quiet_after(self.interval)
         pinged = 0
         for run in list(self.runs.values()):
             if not run.done and run.quiet_for(now) >= due:

@@ -10,7 +10,6 @@ the request's system message(s), if any, become the conversation's system prompt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from app.auth import user_id
 from app.errors import ApiError
+from app.heartbeat import quiet_after
 from app.keys import DISCONNECTS, PROVIDERS, SERVICE, SETTINGS, STORE
 from app.openai_format import (
     Chunks,
@@ -194,9 +194,11 @@ async def _complete(
 class _ChunkStream:
     """One /v1 streaming response: the run's events as chat.completion.chunk frames.
 
-    Headers are held until the first text (or the end), at most streaming.heartbeat
+    Headers are held until the first text (or the end), at most about streaming.heartbeat
     seconds, so a failure before any text (rate limit, unknown model upstream) is an
-    ordinary HTTP error the client's SDK raises as its own exception class.
+    ordinary HTTP error the client's SDK raises as its own exception class. Then a quiet
+    stream gets a `: ping` comment about every heartbeat, which SSE readers (the openai
+    SDK's among them) skip.
     """
 
     def __init__(
@@ -209,7 +211,10 @@ class _ChunkStream:
     ) -> None:
         self.request, self.run, self.headers = request, run, headers
         self.created, self.include_usage = created, include_usage
-        self.heartbeat = request.app[SETTINGS].streaming.heartbeat
+        self.loop = asyncio.get_running_loop()
+        # the heartbeat wakes a subscriber after this much quiet (app/heartbeat.py)
+        self.quiet = quiet_after(request.app[SETTINGS].streaming.heartbeat)
+        self.written_at = self.loop.time()  # (the hold starts now)
         self.resp: SSEResponse | None = None
         self.chunks: Chunks | None = None
 
@@ -223,22 +228,22 @@ class _ChunkStream:
         model = f"{run.provider}/{run.model}"
         self.chunks = Chunks(f"chatcmpl-{run.message_id}", self.created, model, self.include_usage)
         await out.send(self.chunks.chunk({"role": "assistant", "content": ""}))
+        self.written_at = self.loop.time()
         return out
 
     async def send(self, batch: list[tuple[int, str]]) -> None:
-        """Relay one batch of the run's events (status and start events have no chunk).
-
-        An empty batch is the heartbeat (app/heartbeat.py): a `: ping` comment, which
-        SSE readers (the openai SDK's among them) skip, once the headers are out.
-        """
-        if not batch:
-            if self.resp is not None:
-                await self.resp.write(PING)
-            return
+        """Relay one batch of the run's events (status and start events have no chunk)."""
         decoded = [e for e in _decode(batch) if e["type"] not in ("start", "status")]
-        if not decoded:
-            return
         resp = self.resp
+        if not decoded:
+            # the heartbeat's empty batch, or only events /v1 has no chunk for
+            if self.loop.time() - self.written_at >= self.quiet:
+                if resp is None:
+                    await self.open()  # held long enough: show the answer has begun
+                else:
+                    await resp.write(PING)
+                    self.written_at = self.loop.time()
+            return
         if resp is None:
             if decoded[0]["type"] == "error":
                 raise upstream_error(decoded[0], self.headers)
@@ -246,33 +251,23 @@ class _ChunkStream:
         assert self.chunks is not None
         for frame in self.chunks.frames(decoded):
             await resp.send(frame)
+        self.written_at = self.loop.time()
 
     async def serve(self) -> web.StreamResponse:
-        """Relay until the run ends ([DONE]) or the client goes away."""
-        loop = asyncio.get_running_loop()
-        hold_until = loop.time() + self.heartbeat
-        events = cast(AsyncGenerator[list[tuple[int, str]], None], self.run.follow(0))
-        gone, watching = _client_gone(self.request)
-        pending: asyncio.Future[list[tuple[int, str]] | None] | None = None
+        """Relay until the run ends ([DONE]) or the client goes away.
+
+        A client that leaves is noticed by DisconnectWatch, which cancels this handler,
+        as it does the native SSE stream's: one `async for` per stream, no task per batch.
+        """
+        watch = self.request.app[DISCONNECTS]
+        task = asyncio.current_task()
+        assert task is not None
+        watching = task.cancel
+        watch.add(self.request, watching)
+        events = self.run.follow(0)
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(events, None))
-                timeout = max(0.0, hold_until - loop.time()) if self.resp is None else None
-                waiting: set[asyncio.Future[Any]] = {pending, gone}
-                done, _ = await asyncio.wait(
-                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if pending in done:
-                    batch = pending.result()
-                    pending = None
-                    if batch is None:
-                        break
-                    await self.send(batch)
-                elif gone in done:
-                    return self.resp or web.Response(status=204)
-                else:  # held long enough: show the client the answer has begun
-                    await self.open()
+            async for batch in events:
+                await self.send(batch)
             resp = self.resp or await self.open()  # (an end without a terminal event)
             await resp.send("[DONE]")
             return resp
@@ -280,13 +275,7 @@ class _ChunkStream:
             log.debug("openai stream client went away (message %s)", self.run.message_id)
             return self.resp or web.Response(status=204)
         finally:
-            self.request.app[DISCONNECTS].discard(watching)
-            gone.cancel()
+            watch.discard(watching)
             if self.resp is not None:
                 self.resp.stop_streaming()
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await pending
-            with contextlib.suppress(RuntimeError):
-                await events.aclose()
+            await cast(AsyncGenerator[Any, None], events).aclose()

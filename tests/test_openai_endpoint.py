@@ -504,6 +504,25 @@ async def test_slow_first_token_sends_headers_then_errors_in_stream(
     assert data[-1] == "[DONE]"
 
 
+async def test_a_long_wait_for_the_first_token_is_kept_alive_with_pings(
+    start_server: ServerFactory, http: aiohttp.ClientSession, fake: ScriptedProvider
+) -> None:
+    """While the provider is slow the run publishes `status` events, which /v1 has no
+    chunk for: the stream must still not go silent for longer than the heartbeat."""
+    server = await start_server(streaming={"heartbeat": 0.2, "status_interval": 0.05})
+    fake.enqueue([("sleep", 1.0), ("text", "late"), ("finish", "stop")])
+    resp = await http.post(
+        server.make_url("/v1/chat/completions"),
+        json={"model": "fake-1", "messages": USER, "stream": True},
+    )
+    assert resp.status == 200
+    raw = await resp.text()
+    assert raw.count(": ping\n\n") >= 2  # headers after ~0.2 s, then a ping about every 0.2 s
+    data = sse_data(raw)
+    assert json.loads(data[1])["choices"][0]["delta"] == {"content": "late"}
+    assert data[-1] == "[DONE]"
+
+
 async def test_streaming_disabled(start_server: ServerFactory, fake: ScriptedProvider) -> None:
     server = await start_server(streaming={"enabled": False})
     client = sdk_for(server)
@@ -644,6 +663,24 @@ async def test_non_streaming_client_gone_aborts_a_stateless_run(
     request = asyncio.ensure_future(
         http.post(
             server.make_url("/v1/chat/completions"), json={"model": "fake-1", "messages": USER}
+        )
+    )
+    await until(lambda: bool(fake.calls))
+    request.cancel()
+    await until(lambda: fake.calls[0].ended is not None)
+    assert fake.calls[0].closed_early
+
+
+async def test_leaving_before_the_headers_aborts_a_stateless_stream(
+    server: TestServer, http: aiohttp.ClientSession, fake: ScriptedProvider
+) -> None:
+    """The headers are held for the first text; a client that gives up meanwhile is
+    noticed without any write, and its stateless run stops the provider."""
+    fake.enqueue([("hang",)])
+    request = asyncio.ensure_future(
+        http.post(
+            server.make_url("/v1/chat/completions"),
+            json={"model": "fake-1", "messages": USER, "stream": True},
         )
     )
     await until(lambda: bool(fake.calls))
