@@ -9,8 +9,10 @@ from anything quoted from upstream.
 from __future__ import annotations
 
 import email.utils
+import errno
 import logging
 import re
+import resource
 import time
 from collections.abc import Mapping
 
@@ -36,6 +38,15 @@ MESSAGES: dict[str, str] = {
     "internal": "{provider} answered with something unexpected (HTTP {status}).",
 }
 DROPPED_BEFORE = "Could not reach {provider}."
+# This process ran out of file descriptors: not the provider's fault, and it passes as
+# streams end. Each relayed stream holds two (the client's socket and the provider's).
+SERVER_FULL = (
+    "This server has too many connections open to reach {provider} right now. Try again shortly."
+)
+SERVER_FULL_RETRY_AFTER = 5.0
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+_DESCRIPTOR_WARNING_EVERY = 10.0  # seconds: one line for a burst of failed connections
+_descriptor_warned_at = -_DESCRIPTOR_WARNING_EVERY
 DROPPED_DURING = "The connection to {provider} broke off in the middle of the answer."
 FILTERED_PROMPT = "{provider} blocked this prompt under its content policy."
 # An error reported inside a 200 stream has no HTTP status to quote.
@@ -254,6 +265,13 @@ def connection_failed(
     """
     if cause is not None:
         root = _root_cause(cause)
+        if isinstance(root, OSError) and root.errno in OUT_OF_DESCRIPTORS:
+            _warn_out_of_descriptors(root)
+            return ProviderError(
+                "overloaded",
+                SERVER_FULL.format(provider=provider),
+                retry_after=SERVER_FULL_RETRY_AFTER,
+            )
         log.warning(
             "%s: connection %s: %s: %s",
             provider,
@@ -263,6 +281,27 @@ def connection_failed(
         )
     template = DROPPED_DURING if mid_stream else DROPPED_BEFORE
     return ProviderError("upstream_unavailable", template.format(provider=provider))
+
+
+def _warn_out_of_descriptors(err: OSError) -> None:
+    """Tell the operator (at most every few seconds) which limit was hit and how to raise it."""
+    global _descriptor_warned_at
+    now = time.monotonic()
+    if now - _descriptor_warned_at < _DESCRIPTOR_WARNING_EVERY:
+        return
+    _descriptor_warned_at = now
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    which = (
+        "the system-wide file table is full"
+        if err.errno == errno.ENFILE
+        else f"this process's open-files limit ({soft}) is reached"
+    )
+    log.error(
+        "out of file descriptors: %s; new answers fail until streams end. Each relayed "
+        "stream holds two (the client's socket and the provider's): raise the limit "
+        "(ulimit -n, or LimitNOFILE= in a systemd unit)",
+        which,
+    )
 
 
 def timed_out(provider: str) -> ProviderError:

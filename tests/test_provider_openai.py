@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -150,6 +152,37 @@ async def test_connection_refused_is_upstream_unavailable(
     assert any(m.startswith("openai: connection failed: ") for m in logged), logged
     assert any("refused" in m.lower() or "Connect call failed" in m for m in logged), logged
     assert OPENAI.key not in caplog.text
+
+
+async def test_out_of_file_descriptors_is_this_servers_fault_not_the_providers(
+    provider: Provider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the open-files limit the SDK cannot open a socket to the provider: the answer
+    fails as `overloaded` (retryable, in a while) naming this server, not as the provider
+    being unreachable, and the operator's log says which limit to raise, once."""
+    lowest_free = os.dup(0)  # the kernel hands out the lowest free descriptor
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next socket fails
+    try:
+        errors = []
+        for _ in range(2):
+            with pytest.raises(ProviderError) as info:
+                await collect(provider, OPENAI.model)
+            errors.append(info.value)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for err in errors:
+        assert err.code == "overloaded" and err.retryable and err.retry_after == 5.0
+        assert err.message == (
+            "This server has too many connections open to reach openai right now. "
+            "Try again shortly."
+        )
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(logged) == 1, logged  # one line for a burst
+    assert logged[0].startswith(
+        f"out of file descriptors: this process's open-files limit ({lowest_free})"
+    )
 
 
 # -- DeepSeek: the OpenAI-compatible adapter with reasoning_content ----------------------
