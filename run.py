@@ -13,7 +13,8 @@ from app import cli
 from app.auth import insecure_bind_reason
 from app.logging_setup import configure_logging
 from app.main import create_app
-from app.settings import SettingsError, load_settings, parse_args
+from app.settings import SettingsError
+from app.settings_load import load_settings, parse_args
 from app.store import database_problem
 
 GC_THRESHOLDS = (10_000, 10, 10)  # CPython's defaults are (700, 10, 10)

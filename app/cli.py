@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from app.auth import USER_RE, hash_secret, new_api_key
-from app.settings import SettingsError, load_settings
+from app.settings import SettingsError
+from app.settings_load import load_settings
 from app.store import Store, database_problem, open_admin_store
 
 COMMANDS = ("user", "key")

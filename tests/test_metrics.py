@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import SERVICE
 from app.logging_setup import configure_logging
-from app.settings import AuthSettings, MetricsSettings, SettingsError, load_settings
+from app.settings import AuthSettings, MetricsSettings, SettingsError
+from app.settings_load import load_settings
 from tests.fakes import ScriptedProvider, words
 from tests.helpers import iter_events, new_conversation, read_events, text_of
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from app.settings import SettingsError, load_settings
+from app.settings import SettingsError
+from app.settings_load import load_settings
 
 
 def test_precedence(tmp_path: Any) -> None:
