@@ -22,15 +22,13 @@ from app.auth import user_id
 from app.errors import ApiError
 from app.heartbeat import quiet_after
 from app.keys import DISCONNECTS, PROVIDERS, SERVICE, SETTINGS, STORE
-from app.openai_format import (
-    Chunks,
+from app.openai_format import Chunks, completion, upstream_error
+from app.openai_request import (
     CompletionRequest,
     bad_request,
-    completion,
     model_ids,
     parse_completion,
     resolve_model,
-    upstream_error,
 )
 from app.runs import Run
 from app.service import ChatService, SendRequest
