@@ -16,12 +16,13 @@ where a polling task per stream (what /v1 had) holds 2.5 KB and wakes the loop e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,4 @@ class DisconnectWatch:
     async def close(self) -> None:
         """Stop the watching task (at app cleanup)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from collections.abc import Mapping
 from app.metrics import Metrics
 from app.runs import Run
 from app.store import Store
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,8 @@ class Flusher:
 
     async def stop(self) -> None:
         """Stop the background task (the runs' final saves are their own)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _loop(self) -> None:
         """While runs are live, write every changed one at most once per interval.

@@ -13,12 +13,12 @@ streaming tokens is never pinged.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
 
 from app.runs import Run
+from app.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 TICKS = 4  # looks per interval: a silence lasts between (1 - 1/TICKS) and 1 interval
@@ -46,13 +46,10 @@ class Heartbeat:
     async def stop(self) -> None:
         """Stop the heartbeat task."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     def sweep(self, now: float) -> int:
-        """Ping every run whose subscribers waited `interval - tick`; return how many."""
+        """Ping every run whose subscribers waited quiet_after(interval); return how many."""
         due = quiet_after(self.interval)
         pinged = 0
         for run in list(self.runs.values()):
