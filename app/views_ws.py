@@ -219,7 +219,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     check_ws_origin(request)  # 403 before the upgrade: a cross-site page must not connect
     # aiohttp closes with 1009 (message too big) on a larger message
     max_size = request.app[SETTINGS].limits.ws_max_message_bytes
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_size)
+    # A ping frame after `streaming.heartbeat` without a frame from the client, the same
+    # interval as SSE's `: ping`; no pong within half of it closes the socket (1006):
+    # its runs go on, and a resume picks them up.
+    heartbeat = request.app[SETTINGS].streaming.heartbeat
+    ws = web.WebSocketResponse(heartbeat=heartbeat, max_msg_size=max_size)
     await ws.prepare(request)
     sock = Socket(request, ws)
     try:

@@ -306,3 +306,30 @@ async def test_the_daily_quota_resets_at_utc_midnight(aiohttp_client: Any, make_
     assert resp.status == 200
     await resp.read()
     assert limiter.day == utc_day()
+
+
+async def test_the_local_user_of_mode_none_takes_its_limits_from_limits_users_local(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider, tmp_path: Any
+) -> None:
+    """README: in mode none the single user is `local`, so `[limits.users.local]` (read
+    from a real TOML file) lifts the default cap for a script on the same machine."""
+    from app.settings_load import load_settings
+
+    cfg = tmp_path / "streamchat.toml"
+    cfg.write_text("[limits]\nconcurrent_runs = 1\n[limits.users.local]\nconcurrent_runs = 2\n")
+    lim = load_settings(env={}, cli={"config": str(cfg)}).limits
+    assert (lim.defaults.concurrent_runs, lim.for_user("local").concurrent_runs) == (1, 2)
+    client = await aiohttp_client(make_app(limits=lim))
+    cids = [await new_conversation(client) for _ in range(3)]
+    for _ in range(3):
+        fake.enqueue([("text", "busy "), ("hang",)])
+    ws = await client.ws_connect("/ws")
+    for cid in cids:
+        await ws.send_json({"op": "send", "conversation_id": cid, "content": "long"})
+    events = await _ws_until(ws, "error")
+    while len([e for e in events if e["type"] == "chunk"]) < 2:
+        events += await _ws_until(ws, "chunk")
+    errors = [e for e in events if e["type"] == "error"]
+    assert [(e["code"], e["limit"]) for e in errors] == [("rate_limited", "concurrent_runs")]
+    assert len(fake.calls) == 2  # two ran at once: the local user's cap, not the default's
+    await ws.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -176,3 +177,43 @@ async def test_409_over_websocket_names_the_live_message(
         assert err["message_id"] == start["message_id"] and err["request_id"] == "2"
         await ws.send_json({"op": "cancel", "message_id": start["message_id"]})
         await collect_until_terminal(ws)
+
+
+async def test_a_socket_that_stops_answering_pings_is_closed_and_its_run_goes_on(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    """Ping frames follow `streaming.heartbeat`, like SSE's `: ping`. A client that never
+    answers them (a dead peer) is closed after half an interval more; its run goes on and
+    a new socket resumes it. A client that answers stays open through many intervals."""
+    client = await aiohttp_client(make_app(streaming={"heartbeat": 0.3}))
+    fake.enqueue([("sleep", 1.5), ("text", "late"), ("finish", "stop")])
+    cid = await new_conversation(client)
+    loop = asyncio.get_running_loop()
+    async with client.ws_connect("/ws") as alive:
+        # aiohttp's client answers pings while something reads the socket
+        answering = asyncio.create_task(alive.receive(timeout=5.0))
+        async with client.ws_connect("/ws", autoping=False) as dead:
+            opened = loop.time()
+            await dead.send_json(
+                {"op": "send", "request_id": "r", "conversation_id": cid, "content": "x"}
+            )
+            start = await recv(dead)
+            kinds = []
+            while True:
+                msg = await dead.receive(timeout=2.0)
+                kinds.append(msg.type)
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+            closed_after = loop.time() - opened
+        assert WSMsgType.PING in kinds  # the old fixed 30 s interval sent none in time
+        assert 0.3 <= closed_after < 1.2, closed_after  # ping at 0.3 s, no pong by 0.45 s
+        assert fake.calls[-1].ended is None  # the run does not depend on its socket
+        await asyncio.sleep(0.6)  # two more intervals on the socket that answers
+        assert not answering.done() and not alive.closed
+        answering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await answering
+        await alive.send_json({"op": "resume", "message_id": start["message_id"], "after": 0})
+        events = await collect_until_terminal(alive)
+    assert "".join(e["content"] for e in events if e["type"] == "chunk") == "late"
+    assert events[-1]["status"] == "complete"
