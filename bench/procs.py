@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import socket
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import IO
 
 import aiohttp
@@ -34,6 +36,49 @@ def raise_fd_limit(want: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         soft = want
     return soft
+
+
+CPU_DMA_LATENCY = "/dev/cpu_dma_latency"
+
+
+def idle_state() -> str:
+    """How this machine's idle cores wait: the cpuidle driver and its halt-polling setting."""
+    driver = _read("/sys/devices/system/cpu/cpuidle/current_driver") or "no cpuidle"
+    poll_ns = _read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+    return driver if poll_ns is None else f"{driver}, guest_halt_poll_ns={poll_ns}"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def idle_poll(wanted: bool) -> Iterator[str]:
+    """While `wanted`, hold /dev/cpu_dma_latency at 0 µs: idle cores poll instead of halting.
+
+    The request latency benchmarks such as cyclictest make by default. On a virtual
+    machine a halted vCPU wakes only when the hypervisor gets to it, and a stream through
+    the pinned server crosses between the two cores four times. The kernel drops the
+    request when the file is closed. Yields what held: "poll (...)" or "halt (...)".
+    """
+    if not wanted:
+        yield f"halt ({idle_state()})"
+        return
+    try:
+        fd = os.open(CPU_DMA_LATENCY, os.O_RDWR)
+    except OSError as exc:
+        print(f"--idle-poll: cannot open {CPU_DMA_LATENCY} ({exc}); idle cores halt", flush=True)
+        yield f"halt ({idle_state()}; --idle-poll refused: {exc.strerror})"
+        return
+    try:
+        os.write(fd, struct.pack("i", 0))
+        yield f"poll ({CPU_DMA_LATENCY} held at 0 µs; {idle_state()})"
+    finally:
+        os.close(fd)
 
 
 def free_port() -> int:

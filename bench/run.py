@@ -772,7 +772,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Run {res['started']} · `{res['command']}` · {m['nproc']} cores, {m['cpu']} · "
         f"Python {m['python']} · cores (read from each process's affinity): server "
         f"{m['cores']['server']}, upstream {m['cores']['upstream']}, load generator "
-        f"{m['cores']['loadgen']}",
+        f"{m['cores']['loadgen']} · idle cores: {m.get('idle', 'not recorded')}",
         "",
         "| target | measured | goal | holds |",
         "|---|---|---|---|",
@@ -916,6 +916,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="leave every process on every core")
     p.add_argument(
+        "--idle-poll",
+        action="store_true",
+        help="hold /dev/cpu_dma_latency at 0 for the run, so idle cores poll instead of "
+        "halting (as cyclictest does; needs root); the result records which held",
+    )
+    p.add_argument(
         "--profile",
         metavar="DIR",
         help="record the server with py-spy during each level (collapsed stacks in DIR)",
@@ -935,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     with (
         tempfile.TemporaryDirectory(prefix="streamchat-bench-") as tmp,
+        procs.idle_poll(args.idle_poll) as idle,
         asyncio.Runner(loop_factory=loop_factory) as runner,
     ):
         bench = Bench(args, tmp)
@@ -950,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
             "client_cpu": None if args.no_pin else args.client_cpu,
             "fd_limit": bench.fd_limit,
             "cores": bench.cores,
+            "idle": idle,
         },
     )
     res["headline"] = headline(res)

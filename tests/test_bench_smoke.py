@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from bench import loadgen
+from bench import loadgen, procs
 from bench import run as bench_run
 from bench.spec import StreamSpec, parse
 from bench.upstream import _frames
@@ -63,6 +66,30 @@ def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> Non
     md = (out / "bench.md").read_text()
     assert "| relay_tokens_per_s |" in md and "**throughput**" in md
     assert "| bare relay (aiohttp + openai SDK only) |" in md
+    assert res["machine"]["idle"].startswith("halt")  # --idle-poll not asked
+    assert f"idle cores: {res['machine']['idle']}" in md
+
+
+def _latency_request() -> int:
+    """The kernel's current CPU latency limit, µs (what /dev/cpu_dma_latency reads as)."""
+    fd = os.open(procs.CPU_DMA_LATENCY, os.O_RDONLY)
+    try:
+        return int(struct.unpack("i", os.read(fd, 4))[0])
+    finally:
+        os.close(fd)
+
+
+def test_idle_poll_holds_a_zero_latency_request_only_while_asked() -> None:
+    """--idle-poll: idle cores poll for the run (the limit reads 0), and halt again after."""
+    if not os.access(procs.CPU_DMA_LATENCY, os.R_OK | os.W_OK):
+        pytest.skip(f"{procs.CPU_DMA_LATENCY} needs root")
+    before = _latency_request()
+    assert before > 0  # nothing else holds one (a latency tool left running would)
+    with procs.idle_poll(False) as held:
+        assert held.startswith("halt (") and _latency_request() == before
+    with procs.idle_poll(True) as held:
+        assert held.startswith("poll (") and _latency_request() == 0
+    assert _latency_request() == before
 
 
 def test_spec_round_trips_through_its_prompt() -> None:
