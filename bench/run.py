@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -711,6 +712,16 @@ def _brief(t: dict[str, Any]) -> str:
     )
 
 
+def _rate(t: dict[str, Any]) -> float:
+    """Tokens/s from the token count and wall time (the shown tok/s is rounded to 0.1)."""
+    return float(t["tokens"]) / float(t["wall_s"])
+
+
+def _floor3(ratio: float) -> float:
+    """A ratio to 3 decimals, rounded down: rounding must never make a target hold."""
+    return math.floor(ratio * 1000) / 1000
+
+
 def headline(res: dict[str, Any]) -> dict[str, float | None]:
     """The figures the targets are about, computed from a result; LiteLLM's, prefixed
     `litellm_`, when it ran (a comparison, not a target)."""
@@ -728,9 +739,9 @@ def headline(res: dict[str, Any]) -> dict[str, float | None]:
             )
     lo = lv.get("local", {})
     if "streamchat_1" in lo:
-        one, four = lo["streamchat_1"]["tokens_per_s"], lo["streamchat_4"]["tokens_per_s"]
-        out["local_1_stream_ratio"] = round(one / lo["alone_1"]["tokens_per_s"], 3)
-        out["local_4_over_1_stream"] = round(four / one, 3)
+        one = _rate(lo["streamchat_1"])
+        out["local_1_stream_ratio"] = _floor3(one / _rate(lo["alone_1"]))
+        out["local_4_over_1_stream"] = _floor3(_rate(lo["streamchat_4"]) / one)
     out.update(_cancel_figures(lv, "http", "cancel_http"))
     out.update(_cancel_figures(lv, "ws", "cancel_ws"))
     if res.get("litellm_idle_rss_kb"):
