@@ -16,6 +16,7 @@ from app.main import create_app
 from app.settings import SettingsError
 from app.settings_load import load_settings, parse_args
 from app.store import database_problem
+from app.tls import cleartext_warning, server_context
 
 GC_THRESHOLDS = (10_000, 10, 10)  # CPython's defaults are (700, 10, 10)
 
@@ -67,11 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"streamchat: {exc}", file=sys.stderr)
         return 2
-    refusal = insecure_bind_reason(settings) or database_problem(settings.db)
+    refusal = insecure_bind_reason(settings)
+    ssl_context = None
+    try:
+        ssl_context = None if refusal else server_context(settings)
+    except SettingsError as exc:
+        refusal = str(exc)
+    refusal = refusal or database_problem(settings.db)  # (opens the database file)
     if refusal:
         print(f"streamchat: {refusal}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    cleartext = cleartext_warning(settings)
+    if cleartext:
+        logging.getLogger("streamchat").warning("%s", cleartext)
     # the SDKs' HTTP client logs every request at INFO; that is noise here
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -87,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     app = create_app(settings, handle_signals=True)
     app.on_startup.append(_tune_gc)
-    print(f"streamchat on http://{settings.host}:{settings.port}", flush=True)
+    scheme = "https" if ssl_context else "http"
+    print(f"streamchat on {scheme}://{settings.host}:{settings.port}", flush=True)
     # Our own SIGTERM/SIGINT handlers drain runs first (app/lifecycle.py); aiohttp then
     # waits at most this long for the remaining requests.
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
+        ssl_context=ssl_context,
         print=None,
         access_log=None,
         handle_signals=False,

@@ -144,6 +144,8 @@ class Settings:
     db: str = "./streamchat.db"
     log_level: str = "INFO"
     db_busy_timeout: float = 5.0  # seconds SQLite waits on a locked database
+    tls_cert: str = ""  # PEM certificate chain: serve HTTPS (with tls_key; app/tls.py)
+    tls_key: str = ""  # PEM private key of tls_cert
     default_provider: str = "local"
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     local: LocalSettings = field(default_factory=LocalSettings)

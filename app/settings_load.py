@@ -200,6 +200,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--port", type=int)
     parser.add_argument("--db", help="SQLite database path")
     parser.add_argument("--log-level")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     return parser.parse_args(argv)
 
 
@@ -215,15 +217,19 @@ def _top_level(
         ("log_level", "STREAMCHAT_LOG_LEVEL"),
         ("log_format", "STREAMCHAT_LOG_FORMAT"),
         ("default_provider", "STREAMCHAT_DEFAULT_PROVIDER"),
+        ("tls_cert", "STREAMCHAT_TLS_CERT"),
+        ("tls_key", "STREAMCHAT_TLS_KEY"),
     ):
         if env.get(env_name):
             top[key] = env[env_name]
-    for key in ("host", "port", "db", "log_level"):
+    for key in ("host", "port", "db", "log_level", "tls_cert", "tls_key"):
         if key in cli:
             top[key] = cli[key]
     kwargs: dict[str, Any] = _section(Settings, top, "top level")
     if kwargs.get("log_format", "text") not in ("text", "json"):
         raise SettingsError("log_format must be 'text' or 'json'")
+    if bool(kwargs.get("tls_cert")) != bool(kwargs.get("tls_key")):
+        raise SettingsError("tls_cert and tls_key go together: set both to serve HTTPS, or neither")
     return kwargs
 
 

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl as ssl_module
 import subprocess
 import sys
 import time
@@ -88,6 +89,7 @@ class ServerProcess:
         log_level: str = "INFO",
         port: int | None = None,
         entry: str = "run.py",
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self.workdir = workdir
         self.config_path = workdir / "streamchat.toml"
@@ -97,13 +99,14 @@ class ServerProcess:
         self.port = port or free_port()
         self.log_level = log_level
         self.entry = entry  # the script to run (relative to the repo root)
+        self.ssl = ssl  # trusts the server's certificate when it serves HTTPS
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def url(self) -> str:
         """The server's base URL."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -146,7 +149,8 @@ class ServerProcess:
     async def wait_healthy(self, within: float = START_TIMEOUT) -> dict[str, Any]:
         """Poll healthz until it answers 200; fail with the log tail if the process dies."""
         deadline = time.monotonic() + within
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl else None
+        async with aiohttp.ClientSession(connector=connector) as session:
             while True:
                 if self.proc is None or self.proc.poll() is not None:
                     raise RuntimeError(f"server exited while starting:\n{self.log_tail()}")
