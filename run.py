@@ -70,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     refusal = insecure_bind_reason(settings)
     ssl_context = None
-    try:
-        ssl_context = None if refusal else server_context(settings)
-    except SettingsError as exc:
-        refusal = str(exc)
-    refusal = refusal or database_problem(settings.db)  # (opens the database file)
+    if refusal is None:
+        try:
+            ssl_context = server_context(settings)
+        except SettingsError as exc:
+            refusal = str(exc)
+    refusal = refusal or database_problem(settings.db)  # (this opens the database file)
     if refusal:
         print(f"streamchat: {refusal}", file=sys.stderr)
         return 2

@@ -20,18 +20,14 @@ def server_context(settings: Settings) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # TLS 1.2 or later
     try:
         ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except FileNotFoundError as exc:
-        raise SettingsError(
-            f"cannot read {exc.filename or 'tls_cert/tls_key'}: no such file"
-        ) from None
-    except PermissionError as exc:
-        raise SettingsError(
-            f"cannot read {exc.filename or 'tls_cert/tls_key'}: permission denied"
-        ) from None
-    except ssl.SSLError as exc:
+    except ssl.SSLError as exc:  # (an OSError too: first)
         raise SettingsError(
             f"tls_cert {settings.tls_cert} and tls_key {settings.tls_key} do not make a "
             f"certificate and its key in PEM ({exc.reason or exc})"
+        ) from None
+    except OSError as exc:  # missing, a directory, no permission
+        raise SettingsError(
+            f"cannot read {exc.filename or 'tls_cert/tls_key'}: {exc.strerror}"
         ) from None
     return ctx
 

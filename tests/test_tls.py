@@ -106,7 +106,8 @@ def _start_refused(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess[s
     ("case", "message"),
     [
         ("cert only", "tls_cert and tls_key go together"),
-        ("missing key file", "no such file"),
+        ("missing key file", "No such file or directory"),
+        ("key is a directory", "Is a directory"),
         ("key of another certificate", "do not make a certificate and its key in PEM"),
         ("not PEM", "do not make a certificate and its key in PEM"),
     ],
@@ -120,6 +121,8 @@ def test_a_bad_certificate_or_key_refuses_to_start_with_one_line(
         flags = ["--tls-cert", str(cert)]
     elif case == "missing key file":
         flags = ["--tls-cert", str(cert), "--tls-key", str(tmp_path / "absent.pem")]
+    elif case == "key is a directory":
+        flags = ["--tls-cert", str(cert), "--tls-key", str(tmp_path)]
     elif case == "key of another certificate":
         other.private_key_pem.write_to_path(str(key))
         flags = ["--tls-cert", str(cert), "--tls-key", str(key)]
