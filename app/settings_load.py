@@ -253,6 +253,17 @@ def _streaming_and_local(
     return stream_settings, LocalSettings(**_section(LocalSettings, local, "local"))
 
 
+# The bundled model as a provider: loading and a first answer on a slow laptop take a while.
+LOCAL_PROVIDER = ProviderSettings(
+    name="local",
+    kind="local",
+    models=("smollm2-135m-instruct",),
+    default_model="smollm2-135m-instruct",
+    first_token_timeout=120.0,
+    retries=0,
+)
+
+
 def _providers(
     data: Mapping[str, Any], env: Mapping[str, str], local_enabled: bool
 ) -> dict[str, ProviderSettings]:
@@ -268,14 +279,7 @@ def _providers(
         raw_providers["openai"].setdefault("base_url", env["OPENAI_BASE_URL"])
     providers = {name: _provider(name, p, env) for name, p in raw_providers.items()}
     if local_enabled and "local" not in providers:
-        providers["local"] = ProviderSettings(
-            name="local",
-            kind="local",
-            models=("smollm2-135m-instruct",),
-            default_model="smollm2-135m-instruct",
-            first_token_timeout=120.0,
-            retries=0,
-        )
+        providers["local"] = LOCAL_PROVIDER
     return providers
 
 

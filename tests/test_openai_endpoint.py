@@ -28,6 +28,7 @@ from app.settings import (
     ProviderSettings,
     UserLimits,
 )
+from app.settings_load import LOCAL_PROVIDER
 from providers.base import ProviderError
 from tests.conftest import make_settings
 from tests.fakes import ScriptedProvider, words
@@ -828,14 +829,7 @@ async def test_second_request_while_a_stored_run_is_live_conflicts(
 
 @pytest.mark.local_model
 async def test_local_model_through_the_sdk(start_server: ServerFactory, db_path: str) -> None:
-    local = ProviderSettings(
-        name="local",
-        kind="local",
-        models=("smollm2-135m-instruct",),
-        default_model="smollm2-135m-instruct",
-        first_token_timeout=120.0,
-        retries=0,
-    )
+    local = LOCAL_PROVIDER
     settings = dataclasses.replace(
         make_settings(db_path),
         default_provider="local",
