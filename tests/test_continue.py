@@ -65,7 +65,10 @@ async def test_continue_with_the_local_model(
         )
     )
     cid = await new_conversation(client)
-    prompt = {"content": "List the planets of the solar system.", "options": {"max_tokens": 6}}
+    prompt = {
+        "content": "List the planets of the solar system.",
+        "options": {"max_tokens": 6, "temperature": 0},
+    }
     first = await read_events(await client.post(f"/api/v1/conversations/{cid}/stream", json=prompt))
     assert first[-1]["type"] == "end" and first[-1]["finish_reason"] == "length"
     part = text_of(first)
