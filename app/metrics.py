@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -75,6 +75,13 @@ class Metrics:
             ["provider", "model", "status"],
             registry=r,
         )
+        self.run_errors = Counter(
+            "streamchat_run_errors",
+            "Runs that ended with an error, by the error code the client got "
+            "(rate_limited, timeout, upstream_unavailable, overloaded, ...).",
+            ["provider", "model", "code"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "streamchat_ttft_seconds",
             "From the run's start to its first token.",
@@ -111,6 +118,9 @@ class Metrics:
         self._cancelled_at: dict[str, float] = {}
         self._runs: Mapping[str, Run] = {}
         r.register(_LiveCollector(self))
+        # process_* (CPU, RSS, open and maximum file descriptors: each open stream holds
+        # one or two), read from /proc at scrape time; nothing on Linux-less hosts
+        ProcessCollector(registry=r)
 
     def watch(self, runs: Mapping[str, Run]) -> None:
         """Read live runs from this mapping (the service's, by message id) at scrape time."""
@@ -140,10 +150,14 @@ class Metrics:
         if t0 is not None:
             self.cancel_abort.observe(time.monotonic() - t0)
 
-    def run_finished(self, run: Run, status: str, ttft_ms: float | None) -> None:
-        """A run ended with its final status."""
+    def run_finished(
+        self, run: Run, status: str, ttft_ms: float | None, error_code: str | None = None
+    ) -> None:
+        """A run ended with its final status (and the error's code, if it ended with one)."""
         self._cancelled_at.pop(run.message_id, None)
         self.runs_finished.labels(run.provider, run.model, status).inc()
+        if error_code is not None:
+            self.run_errors.labels(run.provider, run.model, error_code).inc()
         if ttft_ms is not None:
             self.ttft.labels(run.provider, run.model).observe(ttft_ms / 1000)
         key = (run.provider, run.model)

@@ -216,7 +216,9 @@ class Runner:
             outcome = dataclasses.replace(outcome, status="failed", error=error)
         run.final_status = outcome.status
         self.limiter.finished(run)
-        self.metrics.run_finished(run, outcome.status, outcome.ttft_ms)
+        self.metrics.run_finished(
+            run, outcome.status, outcome.ttft_ms, outcome.error.code if outcome.error else None
+        )
         if outcome.error is not None:
             run.error = {"code": outcome.error.code, "message": outcome.error.message}
         run.publish(terminal_event(run, outcome))

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import resource
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from app.keys import SERVICE
 from app.logging_setup import configure_logging
 from app.settings import AuthSettings, MetricsSettings, SettingsError
 from app.settings_load import load_settings
+from providers.errors import ProviderError
 from tests.fakes import ScriptedProvider, words
 from tests.helpers import iter_events, new_conversation, read_events, text_of
 
@@ -71,6 +73,42 @@ async def test_a_finished_run_shows_in_every_metric(
     # the run lasted ~120 ms with a 20 ms flush interval: the flusher wrote, and was timed
     assert value(m, "streamchat_db_flush_seconds_count") >= 1
     assert value(m, "streamchat_db_flush_failures_total") == 0
+
+
+async def test_failed_runs_are_counted_by_error_code(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    client = await aiohttp_client(make_app())  # errors after a token: never retried
+    cid = await new_conversation(client)
+    errors = [
+        ProviderError("rate_limited", "Slow down.", retry_after=1.0),
+        ProviderError("rate_limited", "Slow down.", retry_after=1.0),
+        ProviderError("upstream_unavailable", "reset"),
+    ]
+    for err in errors:
+        fake.enqueue([("text", "half "), ("error", err)])
+        resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "q"})
+        assert (await read_events(resp))[-1]["code"] == err.code
+    fake.enqueue(words("fine"))
+    resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "q"})
+    assert (await read_events(resp))[-1]["type"] == "end"
+    m = await scrape(client)
+    assert value(m, "streamchat_run_errors_total", code="rate_limited", **FAKE) == 2
+    assert value(m, "streamchat_run_errors_total", code="upstream_unavailable", **FAKE) == 1
+    errored = sum(v for (name, _), v in m.items() if name == "streamchat_run_errors_total")
+    assert errored == 3  # the complete run is not an error
+    assert value(m, "streamchat_runs_finished_total", status="failed", **FAKE) == 3
+    assert value(m, "streamchat_runs_finished_total", status="complete", **FAKE) == 1
+
+
+async def test_process_metrics_show_the_open_file_limit(aiohttp_client: Any, make_app: Any) -> None:
+    client = await aiohttp_client(make_app())
+    m = await scrape(client)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert value(m, "process_max_fds") == soft
+    assert 3 <= value(m, "process_open_fds") < soft
+    assert value(m, "process_resident_memory_bytes") > 10 * 2**20
+    assert value(m, "process_cpu_seconds_total") > 0
 
 
 async def test_live_runs_and_subscribers_by_transport(
