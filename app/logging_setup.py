@@ -28,6 +28,10 @@ _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Line breaks and other control characters in a text message (a model name a client chose,
+# an upstream's error text) are escaped, so no value can forge a log line of its own.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 class RequestIdFilter(logging.Filter):
@@ -37,6 +41,15 @@ class RequestIdFilter(logging.Filter):
         """Annotate; never drops a record."""
         record.request_id = REQUEST_ID.get()
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT with the message kept on one line (a traceback still follows it)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """Escape control characters in the message before formatting it."""
+        record.message = record.message.translate(_CONTROL)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -60,7 +73,7 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
     """Configure the root logger (UTC times, stderr) as text or JSON; called once by run.py."""
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
-    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     root = logging.getLogger()

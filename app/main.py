@@ -57,7 +57,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
         limiter,
         metrics=app[METRICS],
     )
-    app[METRICS].watch(service.runs)
+    app[METRICS].watch(service.runs, {n: p.info.models for n, p in app[PROVIDERS].items()})
     service.start_background()
     app[SERVICE] = service
     yield

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -34,6 +34,9 @@ ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 CANCEL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 FLUSH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 TRANSPORTS = ("sse", "ws", "http")
+# The `model` label of a model the provider's settings do not list: clients may name any
+# model, and a label per name would let them grow /metrics (and Prometheus) without bound.
+OTHER_MODEL = "other"
 
 
 class FastHistogram:
@@ -117,24 +120,38 @@ class Metrics:
         self.tokens_done: dict[tuple[str, str], int] = {}  # text deltas of ended runs
         self._cancelled_at: dict[str, float] = {}
         self._runs: Mapping[str, Run] = {}
+        self._models: Mapping[str, Collection[str]] = {}
         r.register(_LiveCollector(self))
         # process_* (CPU, RSS, open and maximum file descriptors: each open stream holds
         # one or two), read from /proc at scrape time; nothing on Linux-less hosts
         ProcessCollector(registry=r)
 
-    def watch(self, runs: Mapping[str, Run]) -> None:
-        """Read live runs from this mapping (the service's, by message id) at scrape time."""
+    def watch(
+        self, runs: Mapping[str, Run], models: Mapping[str, Collection[str]] | None = None
+    ) -> None:
+        """Read live runs from this mapping (the service's, by message id) at scrape time.
+
+        `models`: each provider's listed models, the only ones that get their own `model`
+        label; any other model a client names is counted as OTHER_MODEL.
+        """
         self._runs = runs
+        if models is not None:
+            self._models = models
+
+    def model_label(self, provider: str, model: str) -> str:
+        """The `model` label for a run: the model if its provider lists it."""
+        listed = self._models.get(provider)
+        return model if listed is None or model in listed else OTHER_MODEL
 
     # -- hooks the service calls -------------------------------------------------------
 
     def run_started(self, run: Run) -> None:
         """A run was launched."""
-        self.runs_started.labels(run.provider, run.model).inc()
+        self.runs_started.labels(run.provider, self.model_label(run.provider, run.model)).inc()
 
     def gap_observer(self, provider: str, model: str) -> Callable[[float], None]:
         """The per-token callback for a run: observes the seconds since the previous token."""
-        key = (provider, model)
+        key = (provider, self.model_label(provider, model))
         hist = self.itl.get(key)
         if hist is None:
             hist = self.itl[key] = FastHistogram(ITL_BUCKETS)
@@ -155,12 +172,12 @@ class Metrics:
     ) -> None:
         """A run ended with its final status (and the error's code, if it ended with one)."""
         self._cancelled_at.pop(run.message_id, None)
-        self.runs_finished.labels(run.provider, run.model, status).inc()
+        key = (run.provider, self.model_label(run.provider, run.model))
+        self.runs_finished.labels(*key, status).inc()
         if error_code is not None:
-            self.run_errors.labels(run.provider, run.model, error_code).inc()
+            self.run_errors.labels(*key, error_code).inc()
         if ttft_ms is not None:
-            self.ttft.labels(run.provider, run.model).observe(ttft_ms / 1000)
-        key = (run.provider, run.model)
+            self.ttft.labels(*key).observe(ttft_ms / 1000)
         self.tokens_done[key] = self.tokens_done.get(key, 0) + run.text_events
 
 
@@ -181,7 +198,7 @@ class _LiveCollector:
                 subscribers[transport] = subscribers.get(transport, 0) + count
             if run.final_status == "streaming":  # not yet counted in tokens_done
                 live += 1
-                key = (run.provider, run.model)
+                key = (run.provider, m.model_label(run.provider, run.model))
                 tokens[key] = tokens.get(key, 0) + run.text_events
         yield GaugeMetricFamily("streamchat_live_runs", "Runs generating right now.", value=live)
         subs = GaugeMetricFamily(

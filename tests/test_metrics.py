@@ -101,6 +101,33 @@ async def test_failed_runs_are_counted_by_error_code(
     assert value(m, "streamchat_runs_finished_total", status="complete", **FAKE) == 1
 
 
+async def test_models_the_provider_does_not_list_share_one_label(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    # clients may name any model; /metrics must not grow a series per name they invent
+    client = await aiohttp_client(make_app())
+    cid = await new_conversation(client)
+    models = ["fake-2", *(f"made-up-{i}" for i in range(8))]  # within the burst limit
+    for model in models:
+        fake.enqueue(words("a b", delay=0.001))
+        resp = await client.post(
+            f"/api/v1/conversations/{cid}/stream", json={"content": "q", "model": model}
+        )
+        assert (await read_events(resp))[-1]["type"] == "end"
+    assert [c.model for c in fake.calls] == models  # the provider was asked for each
+    m = await scrape(client)
+    listed = {"provider": "fake", "model": "fake-2"}
+    other = {"provider": "fake", "model": "other"}
+    assert value(m, "streamchat_runs_started_total", **listed) == 1
+    assert value(m, "streamchat_runs_started_total", **other) == 8
+    assert value(m, "streamchat_runs_finished_total", status="complete", **other) == 8
+    assert value(m, "streamchat_ttft_seconds_count", **other) == 8
+    assert value(m, "streamchat_inter_token_seconds_count", **other) == 8
+    assert value(m, "streamchat_tokens_streamed_total", **other) == 16
+    labelled = {dict(labels).get("model") for _, labels in m}
+    assert not any(str(v).startswith("made-up") for v in labelled)
+
+
 async def test_process_metrics_show_the_open_file_limit(aiohttp_client: Any, make_app: Any) -> None:
     client = await aiohttp_client(make_app())
     m = await scrape(client)
@@ -236,13 +263,12 @@ async def test_each_app_has_its_own_registry(
     assert value(await scrape(two), "streamchat_runs_started_total", **FAKE) == 0
 
 
-@pytest.fixture
-def json_logs() -> Iterator[io.StringIO]:
-    """Route the root logger to a buffer as JSON lines; restore the handlers after."""
+def _captured_logs(fmt: str) -> Iterator[io.StringIO]:
+    """Route the root logger to a buffer in `fmt`; restore the handlers after."""
     root = logging.getLogger()
     saved, level = list(root.handlers), root.level
     buf = io.StringIO()
-    configure_logging("INFO", "json", buf)
+    configure_logging("INFO", fmt, buf)
     try:
         yield buf
     finally:
@@ -251,6 +277,37 @@ def json_logs() -> Iterator[io.StringIO]:
         for h in saved:
             root.addHandler(h)
         root.setLevel(level)
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The root logger's lines as JSON, in a buffer."""
+    yield from _captured_logs("json")
+
+
+@pytest.fixture
+def text_logs() -> Iterator[io.StringIO]:
+    """The root logger's lines as text, in a buffer."""
+    yield from _captured_logs("text")
+
+
+async def test_a_client_chosen_value_cannot_forge_a_text_log_line(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider, text_logs: io.StringIO
+) -> None:
+    client = await aiohttp_client(make_app())
+    cid = await new_conversation(client)
+    model = "m\n2026-01-01 00:00:00,000 INFO app.runner [-]: run end forged\r\u2028x"
+    resp = await client.post(
+        f"/api/v1/conversations/{cid}/stream", json={"content": "q", "model": model}
+    )
+    assert (await read_events(resp))[-1]["type"] == "end"
+    await asyncio.sleep(0)
+    lines = text_logs.getvalue().splitlines()
+    runs = [ln for ln in lines if "run start" in ln or "run end" in ln]
+    assert len(runs) == 2, lines  # one line each, nothing forged
+    assert all(ln.split(" ")[2] == "INFO" for ln in lines), lines
+    assert "model=m\\x0a2026-01-01" in runs[0] and "\\x0d\\u2028x" in runs[0]
+    assert "forged" not in "".join(ln for ln in lines if ln not in runs)
 
 
 async def test_request_ids_on_every_log_line_of_a_request(
