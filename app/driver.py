@@ -205,10 +205,13 @@ async def drive(
     messages: Sequence[ChatMessage],
     options: GenerateOptions,
     on_gap: Callable[[float], None] | None = None,
+    on_failure: Callable[[str, str, str], None] | None = None,
 ) -> None:
     """Stream from the first target that works; retry only before anything was sent.
 
-    `on_gap` is called with the seconds between consecutive text deltas (metrics).
+    `on_gap` is called with the seconds between consecutive text deltas, and `on_failure`
+    with (provider, error code, what happens next: retry, fallback or fail) for every
+    failed attempt (metrics).
     """
     last_error: ProviderError | None = None
     for index, target in enumerate(chain):
@@ -222,11 +225,19 @@ async def drive(
             except ProviderError as err:
                 last_error = err
                 nothing_sent = run.first_token_at is None and sent_before == 0
+                retry = (
+                    nothing_sent
+                    and err.retryable
+                    and attempt < target.settings.retries
+                    and (err.retry_after is None or err.retry_after <= MAX_RETRY_AFTER)
+                )
+                fallback = nothing_sent and not retry and index + 1 < len(chain)
+                if on_failure is not None:
+                    then = "retry" if retry else "fallback" if fallback else "fail"
+                    on_failure(target.settings.name, err.code, then)
                 if not nothing_sent:
                     raise
-                if not err.retryable or attempt >= target.settings.retries:
-                    break
-                if err.retry_after is not None and err.retry_after > MAX_RETRY_AFTER:
+                if not retry:
                     break
                 delay = _backoff(attempt, err)
                 _announce_retry(run, target, err, attempt, delay)

@@ -85,6 +85,13 @@ class Metrics:
             ["provider", "model", "code"],
             registry=r,
         )
+        self.upstream_failures = Counter(
+            "streamchat_upstream_failures",
+            "Failed provider requests (every attempt, retried or not), by error code and what "
+            "the run did next: retry, fallback (to the next provider) or fail.",
+            ["provider", "code", "then"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "streamchat_ttft_seconds",
             "From the run's start to its first token.",
@@ -156,6 +163,10 @@ class Metrics:
         if hist is None:
             hist = self.itl[key] = FastHistogram(ITL_BUCKETS)
         return hist.observe
+
+    def upstream_failed(self, provider: str, code: str, then: str) -> None:
+        """One provider request failed; `then` is retry, fallback or fail."""
+        self.upstream_failures.labels(provider, code, then).inc()
 
     def cancel_requested(self, message_id: str) -> None:
         """A cancel was asked for; the clock for cancel_abort starts (first request wins)."""

@@ -149,7 +149,12 @@ class Runner:
         )
         try:
             await drive(
-                run, chain, messages, options, self.metrics.gap_observer(run.provider, run.model)
+                run,
+                chain,
+                messages,
+                options,
+                self.metrics.gap_observer(run.provider, run.model),
+                self.metrics.upstream_failed,
             )
         except asyncio.CancelledError:
             status = "cancelled" if run.cancel_requested else "interrupted"

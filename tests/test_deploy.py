@@ -159,6 +159,7 @@ async def exercised_scrape(
     scrape = Scrape(await resp.text())
     for name in (
         "streamchat_run_errors_total",
+        "streamchat_upstream_failures_total",
         "streamchat_cancel_abort_seconds_bucket",
         "streamchat_resumes_total",
         "streamchat_db_flush_seconds_bucket",

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import SERVICE
 from app.logging_setup import configure_logging
-from app.settings import AuthSettings, MetricsSettings, SettingsError
+from app.settings import AuthSettings, MetricsSettings, ProviderSettings, SettingsError
 from app.settings_load import load_settings
 from providers.errors import ProviderError
 from tests.fakes import ScriptedProvider, words
@@ -99,6 +99,52 @@ async def test_failed_runs_are_counted_by_error_code(
     assert errored == 3  # the complete run is not an error
     assert value(m, "streamchat_runs_finished_total", status="failed", **FAKE) == 3
     assert value(m, "streamchat_runs_finished_total", status="complete", **FAKE) == 1
+
+
+async def test_every_failed_provider_request_is_counted_with_what_followed(
+    aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
+) -> None:
+    backup = ScriptedProvider("backup", models=("b-1",))
+    settings = {
+        "fake": ProviderSettings(
+            name="fake",
+            kind="fake",
+            models=("fake-1",),
+            default_model="fake-1",
+            retries=1,
+            fallback=("backup",),
+        ),
+        "backup": ProviderSettings(name="backup", kind="fake", models=("b-1",), retries=0),
+    }
+    client = await aiohttp_client(
+        make_app(providers={"backup": backup}, provider_settings=settings)
+    )
+    cid = await new_conversation(client)
+    slow_down = ProviderError("rate_limited", "Slow down.", retry_after=0.01)
+    fake.enqueue([("error", slow_down)])  # retried, then answers
+    fake.enqueue(words("fine"))
+    fake.enqueue([("error", ProviderError("auth", "Bad key."))])  # not retried: backup answers
+    backup.enqueue(words("from backup"))
+    fake.enqueue([("text", "half "), ("error", ProviderError("upstream_unavailable", "reset"))])
+    ends = []
+    for _ in range(3):
+        resp = await client.post(f"/api/v1/conversations/{cid}/stream", json={"content": "q"})
+        ends.append((await read_events(resp))[-1])
+    assert [e["type"] for e in ends] == ["end", "end", "error"]
+    m = await scrape(client)
+    failures = {
+        tuple(sorted(labels)): v
+        for (name, labels), v in m.items()
+        if name == "streamchat_upstream_failures_total"
+    }
+    assert failures == {
+        (("code", "rate_limited"), ("provider", "fake"), ("then", "retry")): 1,
+        (("code", "auth"), ("provider", "fake"), ("then", "fallback")): 1,
+        (("code", "upstream_unavailable"), ("provider", "fake"), ("then", "fail")): 1,
+    }
+    # only the last run failed in the end
+    assert value(m, "streamchat_run_errors_total", code="upstream_unavailable", **FAKE) == 1
+    assert value(m, "streamchat_run_errors_total", code="auth", **FAKE) == 0
 
 
 async def test_models_the_provider_does_not_list_share_one_label(
