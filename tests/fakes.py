@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from app.settings import ProviderSettings
 from providers.base import (
     ChatMessage,
     Finish,
@@ -106,3 +107,20 @@ class ScriptedProvider:
     async def aclose(self) -> None:
         """Nothing to release."""
         self.closed = True
+
+
+def fallback_settings(
+    retries: int, to: str = "backup", model: str = "b-1"
+) -> dict[str, ProviderSettings]:
+    """Settings of the fake provider (`retries` retries) falling back to the fake `to`."""
+    return {
+        "fake": ProviderSettings(
+            name="fake",
+            kind="fake",
+            models=("fake-1",),
+            default_model="fake-1",
+            retries=retries,
+            fallback=(to,),
+        ),
+        to: ProviderSettings(name=to, kind="fake", models=(model,), default_model=model, retries=0),
+    }

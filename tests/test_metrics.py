@@ -16,10 +16,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import SERVICE
 from app.logging_setup import configure_logging
-from app.settings import AuthSettings, MetricsSettings, ProviderSettings, SettingsError
+from app.settings import AuthSettings, MetricsSettings, SettingsError
 from app.settings_load import load_settings
 from providers.errors import ProviderError
-from tests.fakes import ScriptedProvider, words
+from tests.fakes import ScriptedProvider, fallback_settings, words
 from tests.helpers import iter_events, new_conversation, read_events, text_of
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -105,19 +105,8 @@ async def test_every_failed_provider_request_is_counted_with_what_followed(
     aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
 ) -> None:
     backup = ScriptedProvider("backup", models=("b-1",))
-    settings = {
-        "fake": ProviderSettings(
-            name="fake",
-            kind="fake",
-            models=("fake-1",),
-            default_model="fake-1",
-            retries=1,
-            fallback=("backup",),
-        ),
-        "backup": ProviderSettings(name="backup", kind="fake", models=("b-1",), retries=0),
-    }
     client = await aiohttp_client(
-        make_app(providers={"backup": backup}, provider_settings=settings)
+        make_app(providers={"backup": backup}, provider_settings=fallback_settings(retries=1))
     )
     cid = await new_conversation(client)
     slow_down = ProviderError("rate_limited", "Slow down.", retry_after=0.01)

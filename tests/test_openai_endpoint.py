@@ -31,7 +31,7 @@ from app.settings import (
 from app.settings_load import LOCAL_PROVIDER
 from providers.base import ProviderError
 from tests.conftest import make_settings
-from tests.fakes import ScriptedProvider, words
+from tests.fakes import ScriptedProvider, fallback_settings, words
 from tests.helpers import ProductionServer
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -249,15 +249,8 @@ async def test_stream_names_the_model_that_answered_after_a_fallback(
 ) -> None:
     fake.enqueue([("error", ProviderError("auth", "fake rejected the API key."))])
     other.enqueue(words("from other", delay=0.01))
-    fallback = ProviderSettings(
-        name="fake",
-        kind="fake",
-        models=("fake-1",),
-        default_model="fake-1",
-        retries=0,
-        fallback=("other",),
-    )
-    settings = make_settings(db_path, providers={"fake": fallback, "other": OTHER})
+    providers = fallback_settings(retries=0, to="other", model="o-1")
+    settings = make_settings(db_path, providers=providers)
     server = await start_server(create_app(settings, providers={"fake": fake, "other": other}))
     sdk = sdk_for(server)
     try:

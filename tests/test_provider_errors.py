@@ -14,7 +14,7 @@ from app.settings import ProviderSettings
 from providers.base import ERROR_CODES, ProviderError
 from providers.errors import MESSAGES, classify, from_status, retry_after_seconds, scrub
 from tests.conftest import make_settings
-from tests.fakes import ScriptedProvider, words
+from tests.fakes import ScriptedProvider, fallback_settings, words
 from tests.upstreams.kit import read_sse
 
 
@@ -160,20 +160,7 @@ async def test_fallback_before_first_token_is_announced(
     backup = ScriptedProvider("backup", models=("b-1",))
     backup.enqueue(words("from backup"))
     fake.enqueue([("error", ProviderError("auth", "fake rejected the API key."))])
-    providers = {
-        "fake": ProviderSettings(
-            name="fake",
-            kind="fake",
-            models=("fake-1",),
-            default_model="fake-1",
-            retries=2,
-            fallback=("backup",),
-        ),
-        "backup": ProviderSettings(
-            name="backup", kind="fake", models=("b-1",), default_model="b-1", retries=0
-        ),
-    }
-    settings = make_settings(db_path, providers=providers)
+    settings = make_settings(db_path, providers=fallback_settings(retries=2))
     client: TestClient[Any, Any] = await aiohttp_client(
         create_app(settings, providers={"fake": fake, "backup": backup})
     )

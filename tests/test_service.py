@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from app.keys import SERVICE, STORE
 from providers.base import ProviderError
-from tests.fakes import ScriptedProvider, words
+from tests.fakes import ScriptedProvider, fallback_settings, words
 from tests.helpers import iter_events, new_conversation, read_events, text_of
 
 TEXT = " ".join(f"w{i}" for i in range(40))
@@ -264,24 +264,9 @@ async def test_regenerate_replaces_the_last_answer(
 async def test_fallback_is_announced_and_recorded(
     aiohttp_client: Any, make_app: Any, fake: ScriptedProvider
 ) -> None:
-    from app.settings import ProviderSettings
-
     backup = ScriptedProvider(name="backup", models=("b-1",))
-    providers = {
-        "fake": ProviderSettings(
-            name="fake",
-            kind="fake",
-            models=("fake-1",),
-            default_model="fake-1",
-            retries=0,
-            fallback=("backup",),
-        ),
-        "backup": ProviderSettings(
-            name="backup", kind="fake", models=("b-1",), default_model="b-1", retries=0
-        ),
-    }
     client = await aiohttp_client(
-        make_app(providers={"backup": backup}, provider_settings=providers)
+        make_app(providers={"backup": backup}, provider_settings=fallback_settings(retries=0))
     )
     fake.enqueue([("error", ProviderError("upstream_unavailable", "down"))])
     backup.enqueue(words("from backup"))
