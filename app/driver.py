@@ -211,7 +211,7 @@ async def drive(
 
     `on_gap` is called with the seconds between consecutive text deltas, and `on_failure`
     with (provider, error code, what happens next: retry, fallback or fail) for every
-    failed attempt (metrics).
+    attempt the provider failed (not for a stop of this server's, such as a user's quota).
     """
     last_error: ProviderError | None = None
     for index, target in enumerate(chain):
@@ -232,7 +232,7 @@ async def drive(
                     and (err.retry_after is None or err.retry_after <= MAX_RETRY_AFTER)
                 )
                 fallback = nothing_sent and not retry and index + 1 < len(chain)
-                if on_failure is not None:
+                if on_failure is not None and err.upstream:
                     then = "retry" if retry else "fallback" if fallback else "fail"
                     on_failure(target.settings.name, err.code, then)
                 if not nothing_sent:

@@ -174,6 +174,12 @@ class _Metered:
         """The wrapped provider belongs to the registry, which closes it."""
 
 
+class QuotaStop(ProviderError):
+    """A run stopped mid-answer by its user's daily token quota, not by the provider."""
+
+    upstream = False
+
+
 class Limiter:
     """Admits run starts per user and meters their tokens; one per app."""
 
@@ -301,7 +307,7 @@ class Limiter:
             f" (in {wait // 3600} h {wait % 3600 // 60} min)."
         )
         if mid_stream:
-            raise ProviderError("quota_exceeded", message, retryable=False, retry_after=wait)
+            raise QuotaStop("quota_exceeded", message, retryable=False, retry_after=wait)
         raise too_many("quota_exceeded", message, wait, "tokens_per_day")
 
     def finished(self, run: Run) -> None:

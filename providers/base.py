@@ -80,6 +80,10 @@ ERROR_CODES: dict[str, bool] = {
 class ProviderError(Exception):
     """An upstream failure mapped to one of ERROR_CODES, with a user-facing message."""
 
+    # False for a stop this server imposes inside the provider's stream (a user's daily
+    # quota): the provider itself did not fail (metrics count only real upstream failures)
+    upstream = True
+
     def __init__(
         self,
         code: str,

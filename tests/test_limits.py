@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import SERVICE
 from app.limits import utc_day
@@ -117,6 +118,11 @@ async def test_quota_running_out_mid_stream_keeps_the_text(
     answer = (await _messages(client, cid))[-1]
     assert answer["content"] == text  # the text so far is kept
     assert answer["error"]["code"] == "quota_exceeded"
+    # a failed run, but not a failure of the provider's
+    scrape = await (await client.get("/metrics")).text()
+    families = {f.name: f.samples for f in text_string_to_metric_families(scrape)}
+    assert [x.labels["code"] for x in families["streamchat_run_errors"]] == ["quota_exceeded"]
+    assert families["streamchat_upstream_failures"] == []
 
     # the next start is refused up front, over REST and WebSocket, and nothing is stored
     stored = await _messages(client, cid)
