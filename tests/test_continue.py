@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from app.keys import STORE
-from app.settings import LocalSettings, ProviderSettings
+from app.settings import LocalSettings
+from app.settings_load import LOCAL_PROVIDER
 from tests.fakes import ScriptedProvider, words
 from tests.helpers import new_conversation, read_events, text_of
 
@@ -50,16 +51,9 @@ async def test_continue_after_a_crash(
 async def test_continue_with_the_local_model(
     aiohttp_client: Any, make_app: Any, db_path: str
 ) -> None:
-    local = ProviderSettings(
-        name="local",
-        kind="local",
-        models=("smollm2-135m-instruct",),
-        default_model="smollm2-135m-instruct",
-        retries=0,
-    )
     client = await aiohttp_client(
         make_app(
-            provider_settings={"local": local},
+            provider_settings={"local": LOCAL_PROVIDER},
             default_provider="local",
             local=LocalSettings(enabled=True, parallel=1, n_ctx=1024, threads=2),
         )
