@@ -24,7 +24,9 @@ async def test_failed_provider_shows_error_and_retry_works(
 ) -> None:
     fake.enqueue(
         [
-            ("sleep", 1.6),
+            # long enough that "1 s" shows for a whole second on a busy machine (at 1.6 s
+            # the 0.6 s window was once missed in CI)
+            ("sleep", 2.6),
             ("error", ProviderError("overloaded", "The provider is overloaded right now.")),
         ]
     )
