@@ -81,6 +81,9 @@ def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> log
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # hpack (HTTP/2 header compression) logs every header it encodes at DEBUG: header
+    # values (provider keys among them) stay out of the log even at log_level = DEBUG
+    logging.getLogger("hpack").setLevel(max(root.level, logging.INFO))
     return handler
 
 

@@ -48,6 +48,7 @@ class ProviderSettings:
     total_timeout: float = 600.0
     retries: int = 2
     fallback: tuple[str, ...] = ()
+    http2: bool = False  # kind "openai": HTTP/2, up to 100 streams per connection
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,8 @@ def _provider(name: str, data: Mapping[str, Any], env: Mapping[str, str]) -> Pro
         raise SettingsError(f"providers.{name}: 'kind' is required")
     if kwargs["kind"] not in ("openai", "gemini", "anthropic", "local", "fake"):
         raise SettingsError(f"providers.{name}: unknown kind {kwargs['kind']!r}")
+    if kwargs.get("http2") and kwargs["kind"] != "openai":
+        raise SettingsError(f"providers.{name}: http2 is only for kind 'openai'")
     key_env = kwargs.get("api_key_env")
     if key_env:
         value = env.get(key_env) or env.get(_ALT_KEY_ENV.get(key_env, ""), "")

@@ -198,8 +198,8 @@ class Proc:
             self._log = None
 
 
-def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[Proc, int]:
-    """Start the fake upstream; return it and its port."""
+def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[Proc, int, int]:
+    """Start the fake upstream; return it, its HTTP/1.1 port and its h2c port."""
     proc = Proc(
         "upstream",
         [sys.executable, "-m", "bench.upstream", "--port", "0", "--batch", str(batch)],
@@ -207,8 +207,8 @@ def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[P
         log_dir,
     )
     proc.start()
-    port = int(proc.read_line(b"port ").split()[1])
-    return proc, port
+    words = proc.read_line(b"port ").split()
+    return proc, int(words[1]), int(words[3])
 
 
 def start_bare_relay(cpus: Sequence[int], log_dir: str, upstream: str) -> tuple[Proc, str]:
@@ -229,10 +229,13 @@ def start_bare_relay(cpus: Sequence[int], log_dir: str, upstream: str) -> tuple[
     return proc, f"http://127.0.0.1:{port}"
 
 
-def server_config(path: str, port: int, upstream_port: int, db: str, local: bool = False) -> None:
+def server_config(
+    path: str, port: int, upstream_port: int, db: str, local: bool = False, http2: bool = False
+) -> None:
     """Write a TOML config: one OpenAI-compatible provider at the fake upstream.
 
     `local`: the local model on too, and the default provider (for the local level).
+    `http2`: the provider speaks HTTP/2 (`upstream_port` is then the upstream's h2c port).
     """
     lines = [
         'host = "127.0.0.1"',
@@ -256,6 +259,7 @@ def server_config(path: str, port: int, upstream_port: int, db: str, local: bool
         'kind = "openai"',
         f'base_url = "http://127.0.0.1:{upstream_port}/v1"',
         'models = ["bench"]',
+        f"http2 = {'true' if http2 else 'false'}",
         "retries = 0",  # a failure shows as a failure; timeouts stay at their defaults
     ]
     with open(path, "w") as fh:

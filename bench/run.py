@@ -581,13 +581,20 @@ class Bench:
             self.litellm_exe = litellm.ensure_installed()
         if self.client_cpus:
             procs.pin(self.client_cpus)
-        self.upstream, up_port = procs.start_upstream(self.client_cpus, self.tmp)
+        self.upstream, up_port, h2_port = procs.start_upstream(self.client_cpus, self.tmp)
         self.up_base = f"http://127.0.0.1:{up_port}"
-        self.up_port = up_port
+        # the port streamchat's provider uses: the same streams over h2c with --http2
+        self.up_port = h2_port if args.http2 else up_port
         self.port = procs.free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = os.path.join(self.tmp, "bench.toml")
-        procs.server_config(self.config, self.port, up_port, os.path.join(self.tmp, "bench.db"))
+        procs.server_config(
+            self.config,
+            self.port,
+            self.up_port,
+            os.path.join(self.tmp, "bench.db"),
+            http2=args.http2,
+        )
         try:
             self.server = await procs.start_server(
                 self.config, self.port, self.server_cpus, self.tmp
@@ -624,7 +631,9 @@ class Bench:
         self.server.stop()
         self.generation += 1
         db = os.path.join(self.tmp, f"bench{self.generation}.db")
-        procs.server_config(self.config, self.port, self.up_port, db, local=local)
+        procs.server_config(
+            self.config, self.port, self.up_port, db, local=local, http2=self.args.http2
+        )
         self.server = await procs.start_server(
             self.config,
             self.port,
@@ -663,11 +672,16 @@ class Bench:
                 print(f"level {name}", flush=True)
                 self.level_name = name
                 levels[name] = await table[name]()
+            async with self.dc.get(f"{self.up_base}/_bench/stats") as resp:
+                upstream = await resp.json()
         finally:
             await self.sc.close()
             await self.dc.close()
             await self.lc.close()
         return {
+            # requests the upstream served over HTTP/2 in the whole run (only streamchat
+            # with --http2 speaks it)
+            "upstream_h2_requests": upstream["h2_requests"],
             "idle_rss_kb": idle_rss,
             "litellm_idle_rss_kb": self.litellm_idle_kb,
             "litellm_version": litellm.VERSION if self.litellm_exe else None,
@@ -783,7 +797,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Run {res['started']} · `{res['command']}` · {m['nproc']} cores, {m['cpu']} · "
         f"Python {m['python']} · cores (read from each process's affinity): server "
         f"{m['cores']['server']}, upstream {m['cores']['upstream']}, load generator "
-        f"{m['cores']['loadgen']} · idle cores: {m.get('idle', 'not recorded')}",
+        f"{m['cores']['loadgen']} · idle cores: {m.get('idle', 'not recorded')} · "
+        f"streamchat to the upstream: {res.get('provider_http', 'HTTP/1.1')}",
         "",
         "| target | measured | goal | holds |",
         "|---|---|---|---|",
@@ -923,6 +938,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"also relay through LiteLLM's proxy {litellm.VERSION} (installed from PyPI "
         "into bench/.venv-litellm on first use)",
     )
+    p.add_argument(
+        "--http2",
+        action="store_true",
+        help="streamchat's provider speaks HTTP/2 to the upstream (h2c: `http2 = true`), "
+        "sharing a connection among up to 100 streams",
+    )
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="leave every process on every core")
@@ -970,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
             "cores": bench.cores,
             "idle": idle,
         },
+        provider_http="HTTP/2 (h2c)" if args.http2 else "HTTP/1.1",
     )
     res["headline"] = headline(res)
     res["targets"] = {

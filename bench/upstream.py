@@ -1,6 +1,8 @@
 """A fake OpenAI-compatible upstream: paced chat.completions streams, disconnects recorded.
 
-Run as `python -m bench.upstream --port 0`; it prints `port <n>` once listening.
+Run as `python -m bench.upstream --port 0`; it prints `port <n> h2 <m>` once listening:
+HTTP/1.1 on n, and the same streams over HTTP/2 with prior knowledge (h2c) on m
+(bench.upstream_h2).
 Each request's token count, pace and id come from its last user message (bench.spec).
 A client that goes away mid-stream is noticed at once (handler cancellation) and the
 time is recorded on CLOCK_MONOTONIC, which is shared by every process on the machine,
@@ -27,6 +29,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.requests = 0
+        self.h2_requests = 0  # over HTTP/2 (bench.upstream_h2), since start: never reset
         self.completed = 0
         self.active = 0
         self.disconnects: dict[str, float] = {}
@@ -37,6 +40,7 @@ class Stats:
         """JSON-able snapshot."""
         return {
             "requests": self.requests,
+            "h2_requests": self.h2_requests,
             "completed": self.completed,
             "active": self.active,
             "disconnects": self.disconnects,
@@ -49,7 +53,7 @@ STATS = web.AppKey("stats", Stats)
 BATCH = web.AppKey("batch", int)
 
 
-def _frames(spec: StreamSpec, model: str) -> tuple[bytes, bytes, bytes]:
+def frames(spec: StreamSpec, model: str) -> tuple[bytes, bytes, bytes]:
     """The bytes before and after each token's JSON string, and the closing frames."""
     head = orjson.dumps(
         {"id": f"chatcmpl-{spec.id}", "object": "chat.completion.chunk", "created": 0}
@@ -108,7 +112,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        prefix, suffix, tail = _frames(spec, str(body.get("model", "")))
+        prefix, suffix, tail = frames(spec, str(body.get("model", "")))
         await resp.write(prefix + b'"role":"assistant","content":""' + suffix)
         prefix += b'"content":'
         tokens = [spec.token(i) for i in range(spec.tokens)]
@@ -180,10 +184,17 @@ async def serve(port: int, batch: int) -> None:
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=4096)
     await site.start()
     sockets = runner.addresses
-    print(f"port {sockets[0][1]}", flush=True)
+    from bench.upstream_h2 import H2Upstream  # it imports this module
+
+    app = runner.app
+    h2 = await asyncio.get_running_loop().create_server(
+        lambda: H2Upstream(app[STATS], app[BATCH]), "127.0.0.1", 0, backlog=4096
+    )
+    print(f"port {sockets[0][1]} h2 {h2.sockets[0].getsockname()[1]}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
+        h2.close()
         await runner.cleanup()
 
 

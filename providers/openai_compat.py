@@ -29,6 +29,7 @@ from providers.errors import (
     timed_out,
     unexpected,
 )
+from providers.http2 import H2Transport
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +98,33 @@ class OpenAICompatProvider:
                 write=settings.connect_timeout,
                 pool=settings.connect_timeout,
             ),
-            # The SDK's aiohttp backend: httpcore's pool rescans every connection on each
-            # request and response (quadratic at thousands of streams) and its default stops
-            # at 1,000. limit 0 = unbounded: runs already bound concurrency.
-            http_client=openai.DefaultAioHttpClient(
-                limits=httpx2.Limits(
-                    max_connections=0,
-                    max_keepalive_connections=100 if keepalive else 0,
-                    # the aiohttp backend's keep-alive timeout: at 0 no idle connection
-                    # is ever reused (aiohttp reuses one idle for at most this long)
-                    keepalive_expiry=5.0 if keepalive else 0.0,
-                )
-            ),
+            http_client=self._http_client(settings, keepalive),
         )
         self.info = ProviderInfo(
             name=settings.name,
             kind=settings.kind,
             models=settings.models,
             default_model=settings.default_model,
+        )
+
+    @staticmethod
+    def _http_client(settings: ProviderSettings, keepalive: bool) -> httpx2.AsyncClient:
+        """The SDK's HTTP client: HTTP/2 if the settings ask for it, else aiohttp's HTTP/1.1."""
+        if settings.http2:
+            # streams share connections: 10,000 runs need 100 sockets to the provider,
+            # not 10,000 (see providers/http2.py)
+            return openai.DefaultAsyncHttpxClient(transport=H2Transport())
+        # The SDK's aiohttp backend: httpcore's pool rescans every connection on each
+        # request and response (quadratic at thousands of streams) and its default stops
+        # at 1,000. limit 0 = unbounded: runs already bound concurrency.
+        return openai.DefaultAioHttpClient(
+            limits=httpx2.Limits(
+                max_connections=0,
+                max_keepalive_connections=100 if keepalive else 0,
+                # the aiohttp backend's keep-alive timeout: at 0 no idle connection
+                # is ever reused (aiohttp reuses one idle for at most this long)
+                keepalive_expiry=5.0 if keepalive else 0.0,
+            )
         )
 
     def build_request(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
+
+from app.logging_setup import configure_logging
 
 _BUFFERS: weakref.WeakKeyDictionary[ClientResponse, bytearray] = weakref.WeakKeyDictionary()
 
@@ -74,3 +78,20 @@ class ProductionServer(TestServer):
     async def _make_runner(self, **kwargs: Any) -> web.AppRunner:
         kwargs["handler_cancellation"] = False
         return web.AppRunner(self.app, **kwargs)
+
+
+def captured_logs(fmt: str, level: str = "INFO") -> Iterator[io.StringIO]:
+    """Configure logging as run.py does, into a buffer in `fmt`; restore it all after."""
+    root, hpack = logging.getLogger(), logging.getLogger("hpack")
+    saved, saved_level, hpack_level = list(root.handlers), root.level, hpack.level
+    buf = io.StringIO()
+    configure_logging(level, fmt, buf)
+    try:
+        yield buf
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(saved_level)
+        hpack.setLevel(hpack_level)

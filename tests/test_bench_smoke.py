@@ -14,13 +14,16 @@ from aiohttp import web
 from bench import loadgen, procs
 from bench import run as bench_run
 from bench.spec import StreamSpec, parse
-from bench.upstream import _frames
+from bench.upstream import frames
 
 
-def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> None:
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any, http2: bool) -> None:
+    """The whole harness, tiny; with --http2 streamchat's provider speaks h2c upstream."""
     out = tmp_path / "out"
     bench_run.main(
         [
+            *(["--http2"] if http2 else []),
             "--quick",
             "--no-pin",
             "--levels",
@@ -68,6 +71,13 @@ def test_a_tiny_bench_run_relays_every_stream_byte_exactly(tmp_path: Any) -> Non
     assert "| bare relay (aiohttp + openai SDK only) |" in md
     assert res["machine"]["idle"].startswith("halt")  # --idle-poll not asked
     assert f"idle cores: {res['machine']['idle']}" in md
+    # every streamchat request went over HTTP/2 with --http2, none without it
+    streamchat = sum(
+        res["levels"][name]["streamchat"]["streams"] for name in ("ttft", "throughput", "scale")
+    )
+    assert res["upstream_h2_requests"] >= (streamchat if http2 else 0)
+    assert res["upstream_h2_requests"] == 0 or http2
+    assert ("HTTP/2 (h2c)" if http2 else "upstream: HTTP/1.1") in md
 
 
 def _latency_request() -> int:
@@ -114,7 +124,7 @@ async def test_the_checker_catches_one_wrong_byte(aiohttp_server: Any) -> None:
     async def corrupting(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        prefix, suffix, tail = _frames(spec, "m")
+        prefix, suffix, tail = frames(spec, "m")
         for i in range(spec.tokens):
             tok = spec.token(i)
             if i == 5:

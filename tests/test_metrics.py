@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import resource
 from collections.abc import Iterator
 from typing import Any
@@ -15,12 +14,11 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.keys import SERVICE
-from app.logging_setup import configure_logging
 from app.settings import AuthSettings, MetricsSettings, SettingsError
 from app.settings_load import load_settings
 from providers.errors import ProviderError
 from tests.fakes import ScriptedProvider, fallback_settings, words
-from tests.helpers import iter_events, new_conversation, read_events, text_of
+from tests.helpers import captured_logs, iter_events, new_conversation, read_events, text_of
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -298,32 +296,16 @@ async def test_each_app_has_its_own_registry(
     assert value(await scrape(two), "streamchat_runs_started_total", **FAKE) == 0
 
 
-def _captured_logs(fmt: str) -> Iterator[io.StringIO]:
-    """Route the root logger to a buffer in `fmt`; restore the handlers after."""
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-    buf = io.StringIO()
-    configure_logging("INFO", fmt, buf)
-    try:
-        yield buf
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in saved:
-            root.addHandler(h)
-        root.setLevel(level)
-
-
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     """The root logger's lines as JSON, in a buffer."""
-    yield from _captured_logs("json")
+    yield from captured_logs("json")
 
 
 @pytest.fixture
 def text_logs() -> Iterator[io.StringIO]:
     """The root logger's lines as text, in a buffer."""
-    yield from _captured_logs("text")
+    yield from captured_logs("text")
 
 
 async def test_a_client_chosen_value_cannot_forge_a_text_log_line(
