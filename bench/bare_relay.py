@@ -23,6 +23,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from providers.http2 import H2Transport
+
 CLIENT = web.AppKey("client", openai.AsyncOpenAI)
 _ids = itertools.count(1)
 
@@ -81,7 +83,8 @@ async def healthz(request: web.Request) -> web.Response:
 def make_app(upstream: str, backend: str = "aiohttp") -> web.Application:
     """The relay, with the SDK client set up as providers/openai_compat.py sets its own.
 
-    `backend="httpx"`: the SDK's default HTTP backend (httpcore) instead, for comparison.
+    `backend="httpx"`: the SDK's default HTTP backend (httpcore) instead, for comparison;
+    `backend="http2"`: providers/http2.py, as a provider with `http2 = true` uses it.
     """
     app = web.Application()
     # unbounded pools (0 is "no limit" to the aiohttp backend, None to httpcore)
@@ -95,6 +98,8 @@ def make_app(upstream: str, backend: str = "aiohttp") -> web.Application:
         http_client=(
             openai.DefaultAioHttpClient(limits=limits)
             if backend == "aiohttp"
+            else openai.DefaultAsyncHttpxClient(transport=H2Transport())
+            if backend == "http2"
             else openai.DefaultAsyncHttpxClient(limits=limits)
         ),
     )
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bare_relay")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True, help="the upstream's base URL (…/v1)")
-    p.add_argument("--backend", choices=("aiohttp", "httpx"), default="aiohttp")
+    p.add_argument("--backend", choices=("aiohttp", "httpx", "http2"), default="aiohttp")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         import uvloop

@@ -211,12 +211,17 @@ def start_upstream(cpus: Sequence[int], log_dir: str, batch: int = 8) -> tuple[P
     return proc, int(words[1]), int(words[3])
 
 
-def start_bare_relay(cpus: Sequence[int], log_dir: str, upstream: str) -> tuple[Proc, str]:
+def start_bare_relay(
+    cpus: Sequence[int], log_dir: str, upstream: str, backend: str = "aiohttp"
+) -> tuple[Proc, str]:
     """Start bench.bare_relay in front of `upstream` (its …/v1 URL); return it and its URL."""
     port = free_port()
     proc = Proc(
         "bare_relay",
-        [sys.executable, "-m", "bench.bare_relay", "--port", str(port), "--upstream", upstream],
+        [
+            *(sys.executable, "-m", "bench.bare_relay", "--port", str(port)),
+            *("--upstream", upstream, "--backend", backend),
+        ],
         cpus,
         log_dir,
     )

@@ -381,8 +381,12 @@ class Bench:
         )
         # The floor, in the same conditions: aiohttp and the openai SDK relaying with
         # nothing else (no runs, database, auth, resumes). streamchat is idle meanwhile.
+        # the same protocol to the upstream as streamchat's provider
         self.bare, self.bare_base = procs.start_bare_relay(
-            self.server_cpus, self.tmp, f"{self.up_base}/v1"
+            self.server_cpus,
+            self.tmp,
+            f"http://127.0.0.1:{self.up_port}/v1",
+            "http2" if self.args.http2 else "aiohttp",
         )
         try:
             await self.one_target("bare", 4, 20, 16, 0, 60, None)  # warm, as the server
