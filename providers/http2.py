@@ -100,7 +100,12 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = asyncio.get_running_loop()
         self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+            # our outbound headers are built right here (lower-case names, no
+            # connection-specific ones): h2 need not check them again per request. It
+            # still normalizes them, which marks Authorization never-indexed in HPACK.
+            h2.config.H2Configuration(
+                client_side=True, header_encoding=None, validate_outbound_headers=False
+            )
         )
         self.sock: asyncio.Transport | None = None
         self.streams: dict[int, _Stream] = {}
@@ -285,7 +290,8 @@ class _Connection(asyncio.Protocol):
         stream = _Stream(self, stream_id)
         self.h2.send_headers(stream_id, headers, end_stream=end_stream)
         self.streams[stream_id] = stream
-        self.flush()
+        if end_stream:
+            self.flush()  # else the headers leave with the body: one write, not two
         return stream
 
     async def send_body(self, stream: _Stream, body: bytes) -> None:
@@ -300,17 +306,20 @@ class _Connection(asyncio.Protocol):
                 self.h2.local_flow_control_window(stream.id), self.h2.max_outbound_frame_size
             )
             if size <= 0 or self.writable is not None:
+                self.flush()  # the headers, before waiting
                 if size <= 0:
                     self.window = self.window or self.loop.create_future()
                     await self.window
                 else:
                     await self.writable  # type: ignore[misc]
                 continue
-            self.h2.send_data(stream.id, bytes(view[:size]))
+            last = size >= len(view)
+            self.h2.send_data(stream.id, bytes(view[:size]), end_stream=last)
             view = view[size:]
             self.flush()
-        self.h2.end_stream(stream.id)
-        self.flush()
+        if not body:
+            self.h2.end_stream(stream.id)
+            self.flush()
 
     def ack(self, stream: _Stream, size: int) -> None:
         """The reader took `size` flow-controlled bytes: the server may send that much more."""
