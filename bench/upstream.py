@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -81,6 +82,34 @@ def frames(spec: StreamSpec, model: str) -> tuple[bytes, bytes, bytes]:
     return prefix, suffix, tail
 
 
+async def writes(spec: StreamSpec, model: str, batch: int, stats: Stats) -> AsyncIterator[bytes]:
+    """The bytes of each write of one stream, paced as its spec says (HTTP/1.1 and h2).
+
+    Unpaced, `batch` tokens go in each write; paced, one token per write, each on its
+    schedule from the start. The first token's send time is recorded.
+    """
+    prefix, suffix, tail = frames(spec, model)
+    yield prefix + b'"role":"assistant","content":""' + suffix
+    prefix += b'"content":'
+    tokens = [spec.token(i) for i in range(spec.tokens)]
+    if spec.pace_ms <= 0:
+        stats.first_sent[spec.id] = time.monotonic()
+        for start in range(0, len(tokens), batch):
+            yield b"".join(prefix + orjson.dumps(t) + suffix for t in tokens[start : start + batch])
+    else:
+        loop = asyncio.get_running_loop()
+        pace = spec.pace_ms / 1000
+        t0 = loop.time()
+        for i, t in enumerate(tokens):
+            delay = t0 + (i + 1) * pace - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if i == 0:
+                stats.first_sent[spec.id] = time.monotonic()
+            yield prefix + orjson.dumps(t) + suffix
+    yield tail
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions with stream=true."""
     stats = request.app[STATS]
@@ -112,31 +141,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        prefix, suffix, tail = frames(spec, str(body.get("model", "")))
-        await resp.write(prefix + b'"role":"assistant","content":""' + suffix)
-        prefix += b'"content":'
-        tokens = [spec.token(i) for i in range(spec.tokens)]
-        if spec.pace_ms <= 0:
-            batch = request.app[BATCH]
-            stats.first_sent[spec.id] = time.monotonic()
-            for start in range(0, len(tokens), batch):
-                await resp.write(
-                    b"".join(
-                        prefix + orjson.dumps(t) + suffix for t in tokens[start : start + batch]
-                    )
-                )
-        else:
-            loop = asyncio.get_running_loop()
-            pace = spec.pace_ms / 1000
-            t0 = loop.time()
-            for i, t in enumerate(tokens):
-                delay = t0 + (i + 1) * pace - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if i == 0:
-                    stats.first_sent[spec.id] = time.monotonic()
-                await resp.write(prefix + orjson.dumps(t) + suffix)
-        await resp.write(tail)
+        async for data in writes(spec, str(body.get("model", "")), request.app[BATCH], stats):
+            await resp.write(data)
         await resp.write_eof()
         stats.completed += 1
         return resp

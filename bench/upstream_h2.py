@@ -22,7 +22,7 @@ import h2.settings
 import orjson
 
 from bench.spec import StreamSpec, parse
-from bench.upstream import Stats, frames
+from bench.upstream import Stats, writes
 
 WINDOW = 1 << 24  # our receive window: request bodies are small, never a limit
 
@@ -171,33 +171,10 @@ class H2Upstream(asyncio.Protocol):
             self.specs.pop(stream_id, None)
 
     async def stream(self, stream_id: int, spec: StreamSpec, model: str) -> None:
-        """The response itself, as bench.upstream writes it over HTTP/1.1."""
+        """The response itself, written as bench.upstream writes it over HTTP/1.1."""
         self.h2.send_headers(
             stream_id, [(b":status", b"200"), (b"content-type", b"text/event-stream")]
         )
-        prefix, suffix, tail = frames(spec, model)
-        await self.send(stream_id, prefix + b'"role":"assistant","content":""' + suffix)
-        prefix += b'"content":'
-        tokens = [spec.token(i) for i in range(spec.tokens)]
-        if spec.pace_ms <= 0:
-            self.stats.first_sent[spec.id] = time.monotonic()
-            for start in range(0, len(tokens), self.batch):
-                await self.send(
-                    stream_id,
-                    b"".join(
-                        prefix + orjson.dumps(t) + suffix
-                        for t in tokens[start : start + self.batch]
-                    ),
-                )
-        else:
-            loop = asyncio.get_running_loop()
-            pace = spec.pace_ms / 1000
-            t0 = loop.time()
-            for i, t in enumerate(tokens):
-                delay = t0 + (i + 1) * pace - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if i == 0:
-                    self.stats.first_sent[spec.id] = time.monotonic()
-                await self.send(stream_id, prefix + orjson.dumps(t) + suffix)
-        await self.send(stream_id, tail, end=True)
+        async for data in writes(spec, model, self.batch, self.stats):
+            await self.send(stream_id, data)
+        await self.send(stream_id, b"", end=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
+import resource
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -95,3 +98,17 @@ def captured_logs(fmt: str, level: str = "INFO") -> Iterator[io.StringIO]:
             root.addHandler(h)
         root.setLevel(saved_level)
         hpack.setLevel(hpack_level)
+
+
+@contextlib.contextmanager
+def no_free_descriptors() -> Iterator[int]:
+    """Lower the open-files limit to the lowest free descriptor, so the next socket fails
+    with EMFILE; yield that limit, and restore it after."""
+    lowest_free = os.dup(0)  # the kernel hands out the lowest free descriptor
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        yield lowest_free
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

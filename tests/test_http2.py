@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -158,19 +157,6 @@ async def test_a_reset_mid_answer_is_a_dropped_connection(
     assert _texts(got) == "one two "
     assert info.value.code == "upstream_unavailable"
     assert "during" in str(info.value) or "mid" in str(info.value).lower()
-
-
-async def test_nothing_listening_is_unavailable() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = build(provider_settings(OPENAI, f"http://127.0.0.1:{port}", http2=True))
-    try:
-        with pytest.raises(ProviderError) as info:
-            await collect(p, OPENAI.model)
-    finally:
-        await p.aclose()
-    assert info.value.code == "upstream_unavailable"
 
 
 async def test_an_http1_server_gets_a_clear_log_line(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -27,6 +25,7 @@ from providers.base import (
 )
 from providers.local import LocalProvider
 from tests.conftest import make_settings
+from tests.helpers import no_free_descriptors
 from tests.upstreams import OpenAIFake, Plan, wait_for
 from tests.upstreams.kit import DEEPSEEK, OPENAI, build, collect, provider_settings, read_sse
 
@@ -136,10 +135,11 @@ async def test_status_errors_map_to_codes(
     assert info.value.code == code
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
 async def test_connection_refused_is_upstream_unavailable(
-    unused_tcp_port: int, caplog: pytest.LogCaptureFixture
+    unused_tcp_port: int, caplog: pytest.LogCaptureFixture, http2: bool
 ) -> None:
-    p = build(provider_settings(OPENAI, f"http://127.0.0.1:{unused_tcp_port}/"))
+    p = build(provider_settings(OPENAI, f"http://127.0.0.1:{unused_tcp_port}/", http2=http2))
     try:
         with pytest.raises(ProviderError) as info:
             await collect(p, OPENAI.model)
@@ -155,23 +155,20 @@ async def test_connection_refused_is_upstream_unavailable(
 
 
 async def test_out_of_file_descriptors_is_this_servers_fault_not_the_providers(
-    provider: Provider, caplog: pytest.LogCaptureFixture
+    fake_server: tuple[OpenAIFake, TestServer], provider: Provider, caplog: pytest.LogCaptureFixture
 ) -> None:
     """At the open-files limit the SDK cannot open a socket to the provider: the answer
     fails as `overloaded` (retryable, in a while) naming this server, not as the provider
-    being unreachable, and the operator's log says which limit to raise, once."""
-    lowest_free = os.dup(0)  # the kernel hands out the lowest free descriptor
-    os.close(lowest_free)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # the next socket fails
-    try:
-        errors = []
-        for _ in range(2):
+    being unreachable, and the operator's log says which limit to raise, once. The same
+    over HTTP/2 (`http2 = true`), in the same burst."""
+    over_h2 = build(provider_settings(OPENAI, str(fake_server[1].make_url("/")), http2=True))
+    errors = []
+    with no_free_descriptors() as lowest_free:
+        for p in (provider, provider, over_h2, over_h2):
             with pytest.raises(ProviderError) as info:
-                await collect(provider, OPENAI.model)
+                await collect(p, OPENAI.model)
             errors.append(info.value)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await over_h2.aclose()
     for err in errors:
         assert err.code == "overloaded" and err.retryable and err.retry_after == 5.0
         assert err.message == (
