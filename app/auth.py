@@ -25,6 +25,7 @@ from aiohttp import web
 
 from app.errors import ApiError, Handler
 from app.keys import SERVICE, SETTINGS, STORE
+from app.security import cors_preflight
 from app.settings import Settings
 from app.validate import json_body, parse_session
 
@@ -236,7 +237,11 @@ def _is_public(request: web.Request) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Set request[PRINCIPAL] (or answer 401), and refuse cross-site state changes (403)."""
+    """Answer CORS preflights; set request[PRINCIPAL] (or answer 401); refuse cross-site
+    state changes (403)."""
+    preflight = cors_preflight(request)  # before auth: browsers send it without credentials
+    if preflight is not None:
+        return preflight
     settings = request.app[SETTINGS].auth
     if settings.mode == "none":
         _check_host(request)

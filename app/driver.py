@@ -50,6 +50,19 @@ class _Timeouts:
     cancellation apart from any other.
     """
 
+    __slots__ = (
+        "_cancelling",
+        "_fired",
+        "_handle",
+        "first",
+        "last",
+        "loop",
+        "s",
+        "start",
+        "task",
+        "total_deadline",
+    )
+
     def __init__(self, s: ProviderSettings) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop

@@ -9,6 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
+from app.logging_setup import REQUEST_ID, bind_request_id
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,7 +86,12 @@ _HTTP_CODES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn ApiError and aiohttp's HTTP errors into JSON; hide unexpected exceptions."""
+    """Bind the request id; turn ApiError and aiohttp's HTTP errors into JSON; hide the rest.
+
+    One middleware for both (a streaming request holds each middleware's frame for as
+    long as it streams); the id stays bound until the error, if any, is logged.
+    """
+    token = bind_request_id(request)
     try:
         return await handler(request)
     except ApiError as exc:
@@ -106,3 +113,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return ApiError(500, "internal", "Internal server error.").response_for(request)
+    finally:
+        REQUEST_ID.reset(token)

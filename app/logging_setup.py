@@ -1,8 +1,8 @@
 """Logging: text or JSON lines, and a request id on every line logged while serving a request.
 
-The id lives in a ContextVar set by `request_id_middleware`. asyncio copies the context
-into tasks created during the request, so a run started by a request logs with that
-request's id to its end, even after the client has gone.
+The id lives in a ContextVar set by `bind_request_id` (from the outermost middleware).
+asyncio copies the context into tasks created during the request, so a run started by a
+request logs with that request's id to its end, even after the client has gone.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import TextIO
 
 import orjson
@@ -27,7 +26,6 @@ HEADER = "X-Request-ID"
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Line breaks and other control characters in a text message (a model name a client chose,
 # an upstream's error text) are escaped, so no value can forge a log line of its own.
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F) if c != 0x09}
@@ -98,17 +96,16 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFF:08x}"
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind the request's id (the client's X-Request-ID if tame, else a new one)."""
+def bind_request_id(request: web.Request) -> Token[str]:
+    """Bind the request's id (the client's X-Request-ID if tame, else a new one).
+
+    Called by the outermost middleware (app/errors.py), which resets the returned token
+    when the request ends.
+    """
     given = request.headers.get(HEADER, "")
     rid = given if _CLIENT_ID_RE.match(given) else new_request_id()
     request[REQUEST_ID_KEY] = rid
-    token = REQUEST_ID.set(rid)
-    try:
-        return await handler(request)
-    finally:
-        REQUEST_ID.reset(token)
+    return REQUEST_ID.set(rid)
 
 
 async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:

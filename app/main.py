@@ -13,9 +13,9 @@ from app.disconnects import DisconnectWatch
 from app.errors import error_middleware
 from app.keys import DISCONNECTS, EXTRA_PROVIDERS, METRICS, PROVIDERS, SERVICE, SETTINGS, STORE
 from app.limits import Limiter
-from app.logging_setup import request_id_header, request_id_middleware
+from app.logging_setup import request_id_header
 from app.metrics import Metrics, metrics_handler
-from app.security import cors_preflight, security_headers
+from app.security import security_headers
 from app.service import ChatService
 from app.settings import Settings
 from app.store import open_store
@@ -88,16 +88,11 @@ def create_app(
 ) -> web.Application:
     """Build the application. `providers` adds pre-built providers (e.g. scripted fakes)."""
     app = web.Application(
-        # Middleware order (first = outermost): errors become JSON whatever raised them;
-        # CORS preflights are answered before auth (browsers send them without
-        # credentials); auth (and its CSRF/Origin checks) runs last, right before views.
-        # request ids first, so every log line of the request (errors too) carries one.
-        middlewares=[
-            request_id_middleware,
-            error_middleware,
-            cors_preflight,
-            auth.auth_middleware,
-        ],
+        # Two middlewares (a streaming request holds each one's frame while it streams).
+        # Outermost, the request id (every log line of the request carries it, errors'
+        # too) and errors become JSON whatever raised them; then CORS preflights (before
+        # auth: browsers send them without credentials), auth and its CSRF/Origin checks.
+        middlewares=[error_middleware, auth.auth_middleware],
         client_max_size=settings.limits.max_body_bytes,
     )
     app[SETTINGS] = settings

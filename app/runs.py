@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from app.events import TERMINAL, encode
@@ -234,27 +234,14 @@ class Run:
             self._finished = asyncio.Event()  # an Event is 1 KB: only for runs awaited
         await self._finished.wait()
 
-    async def _wait_for_more(self, after: int) -> bool:
-        """Wait for events after `after`; True when woken by ping() instead."""
-        if len(self._kinds) > after or self.done:
-            return False
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if not self._waiters:
-            self.waiting_since = time.monotonic()
-        self._waiters.append(waiter)
-        try:
-            return await waiter
-        except asyncio.CancelledError:  # this subscriber left
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
-
-    async def follow(self, after: int = 0) -> AsyncIterator[list[tuple[int, str]]]:
+    async def follow(self, after: int = 0) -> AsyncGenerator[list[tuple[int, str]], None]:
         """Yield batches of (seq, json) after `after` until the terminal event.
 
         Everything that accumulated while the subscriber was busy writing comes as
         one batch, so slow readers coalesce naturally instead of buffering. An empty
         batch is the heartbeat (app/heartbeat.py): nothing was written for a while.
+        The wait is inline (no coroutine per wait): a subscriber holds one frame and
+        one future while its stream is quiet, times every open stream.
         """
         while True:
             end = len(self._kinds)
@@ -272,7 +259,17 @@ class Run:
                 continue
             if self.done:
                 return
-            if await self._wait_for_more(after) and len(self._kinds) == after:
+            waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            if not self._waiters:
+                self.waiting_since = time.monotonic()
+            self._waiters.append(waiter)
+            try:
+                pinged = await waiter
+            except asyncio.CancelledError:  # this subscriber left
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+            if pinged and len(self._kinds) == after:
                 yield []
 
     def subscribe(self, transport: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.errors import Handler
 from app.keys import SETTINGS
 
 CSP = (
@@ -38,9 +37,12 @@ CORS_HEADERS = "Authorization, Content-Type, Last-Event-ID, X-Conversation-Id"
 CORS_EXPOSE = "Retry-After, X-Conversation-Id, X-Message-Id"
 
 
-@web.middleware
-async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer CORS preflights from allowed origins (204) before auth; others go on (405)."""
+def cors_preflight(request: web.Request) -> web.Response | None:
+    """The answer (204) to a CORS preflight from an allowed origin, else None (go on: 405).
+
+    Called by the auth middleware before it authenticates: browsers send preflights
+    without credentials.
+    """
     if (
         request.method == "OPTIONS"
         and "Access-Control-Request-Method" in request.headers
@@ -54,4 +56,4 @@ async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamRe
                 "Access-Control-Max-Age": "600",
             },
         )
-    return await handler(request)
+    return None

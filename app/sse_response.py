@@ -13,6 +13,8 @@ handlers write the comment (PING) themselves.
 
 from __future__ import annotations
 
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web import BaseRequest
 from aiohttp_sse import EventSourceResponse
 
 PING = b": ping\n\n"  # the bytes aiohttp-sse writes with sep="\n"
@@ -23,3 +25,13 @@ class SSEResponse(EventSourceResponse):
 
     async def _ping(self) -> None:
         return
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        """Send the headers, then let go of them: a stream lasts minutes and its header
+        table (~2.8 KB with its case-folded keys) would be held all that time, times every
+        open stream. Nothing reads a response's headers once they are sent."""
+        first = not self.prepared
+        writer = await super().prepare(request)
+        if first:
+            self.headers.clear()
+        return writer

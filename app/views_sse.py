@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from aiohttp import web
 
@@ -13,7 +13,6 @@ from app.errors import ApiError, not_found
 from app.events import replay_finished
 from app.keys import DISCONNECTS, METRICS, SERVICE, SETTINGS, STORE
 from app.runs import Run
-from app.service import ChatService
 from app.settings import StreamingSettings
 from app.sse_response import PING, SSEResponse
 from app.validate import check_id, json_body, parse_regenerate, parse_send
@@ -60,10 +59,17 @@ async def _open(request: web.Request, settings: StreamingSettings) -> SSERespons
 
 
 async def _respond(
-    request: web.Request, batches: AsyncIterator[list[tuple[int, str]]]
+    request: web.Request, run: Run | None, batches: AsyncGenerator[list[tuple[int, str]], None]
 ) -> SSEResponse:
+    """Write `batches` as SSE; with `run`, count this client as one of its subscribers.
+
+    Everything happens in this one frame (no wrapper generator per stream): it is held
+    for as long as the stream is open, times every open stream.
+    """
     settings = request.app[SETTINGS].streaming
     resp = await _open(request, settings)
+    if run is not None:
+        run.subscribe("sse")
     # A client that leaves while nothing is written (a slow first token, a quiet run)
     # ends this handler within DisconnectWatch.poll, not at the next write: it stops
     # counting as a subscriber, and with on_disconnect = "cancel" the run stops.
@@ -110,24 +116,16 @@ async def _respond(
         pass  # the client went away (or stalled and was cut); the run goes on without it
     finally:
         watch.discard(watching)
+        await batches.aclose()
+        if run is not None:
+            request.app[SERVICE].subscriber_left(run, "sse")
         resp.stop_streaming()
     return resp
 
 
-async def _follow(
-    service: ChatService, run: Run, after: int
-) -> AsyncIterator[list[tuple[int, str]]]:
-    run.subscribe("sse")
-    try:
-        async for batch in run.follow(after):
-            yield batch
-    finally:
-        service.subscriber_left(run, "sse")
-
-
 async def _replay(
     events: list[tuple[int, str]], after: int
-) -> AsyncIterator[list[tuple[int, str]]]:
+) -> AsyncGenerator[list[tuple[int, str]], None]:
     batch = [(s, d) for s, d in events if s > after]
     if batch:
         yield batch
@@ -141,7 +139,7 @@ async def send_stream(request: web.Request) -> web.StreamResponse:
     req = parse_send(await json_body(request))
     service = request.app[SERVICE]
     run, _ = await service.start(user_id(request), cid, req)  # 404 unless the user's
-    return await _respond(request, _follow(service, run, 0))
+    return await _respond(request, run, run.follow(0))
 
 
 @routes.post("/api/v1/conversations/{cid}/regenerate")
@@ -153,7 +151,7 @@ async def regenerate_stream(request: web.Request) -> web.StreamResponse:
     req = parse_regenerate(body)
     service = request.app[SERVICE]
     run, _ = await service.start(user_id(request), cid, req)  # 404 unless the user's
-    return await _respond(request, _follow(service, run, 0))
+    return await _respond(request, run, run.follow(0))
 
 
 @routes.post("/api/v1/conversations/{cid}/messages/{mid}/continue")
@@ -166,7 +164,7 @@ async def continue_stream(request: web.Request) -> web.StreamResponse:
     req = parse_regenerate(body)
     service = request.app[SERVICE]
     run = await service.continue_answer(user_id(request), conv, mid, req)
-    return await _respond(request, _follow(service, run, 0))
+    return await _respond(request, run, run.follow(0))
 
 
 @routes.get("/api/v1/conversations/{cid}/messages/{mid}/stream")
@@ -180,10 +178,10 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     run = service.get_run(mid)
     if run is not None and run.conversation_id == conv["id"]:
-        return await _respond(request, _follow(service, run, after))
+        return await _respond(request, run, run.follow(after))
     message = await request.app[STORE].get_message(user_id(request), conv["id"], mid)
     if message is None or message["role"] != "assistant":
         raise not_found("message")
     # The exact event log is gone: replay the saved state in full; the start event's
     # "replay": true tells the client to replace what it has rather than append.
-    return await _respond(request, _replay(replay_finished(message, conv["id"]), 0))
+    return await _respond(request, None, _replay(replay_finished(message, conv["id"]), 0))

@@ -33,6 +33,25 @@ from providers.http2 import H2Transport
 
 log = logging.getLogger(__name__)
 
+# The SDK tells the provider this machine's OS, CPU architecture, Python version and SDK
+# version on every request, and the attempt's retry count and read timeout (our driver
+# retries, not the SDK): 8 of its 12 headers, none of them the provider's business, and
+# kept with the request for as long as the answer streams (10,000 streams hold 10,000).
+NO_SDK_HEADERS: dict[str, str | openai.Omit] = {
+    name: openai.Omit()
+    for name in (
+        "X-Stainless-Lang",
+        "X-Stainless-Package-Version",
+        "X-Stainless-OS",
+        "X-Stainless-Arch",
+        "X-Stainless-Runtime",
+        "X-Stainless-Runtime-Version",
+        "X-Stainless-Async",
+        "X-Stainless-Retry-Count",
+        "X-Stainless-Read-Timeout",
+    )
+}
+
 # The SDK's read timeout is only a backstop: the driver's first-token and idle timeouts
 # fire first (with a clearer message) because this margin keeps the SDK's later.
 SDK_TIMEOUT_MARGIN = 5.0
@@ -209,6 +228,7 @@ class OpenAICompatProvider:
                 cast_to=object,
                 stream=True,
                 stream_cls=openai.AsyncStream[object],
+                options={"headers": NO_SDK_HEADERS},
             )
         except (openai.OpenAIError, httpx2.HTTPError) as exc:
             raise self.map_error(exc, model) from None

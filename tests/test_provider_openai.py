@@ -81,6 +81,11 @@ async def test_request_asks_for_usage_and_carries_the_prompt(
     assert body["messages"] == [{"role": m.role, "content": m.content} for m in messages]
     assert body["temperature"] == 0.2 and body["max_tokens"] == 9
     assert fake.records[0].headers["Authorization"] == f"Bearer {OPENAI.key}"
+    # the SDK's platform and attempt headers stay home: the provider learns no OS,
+    # architecture or Python version (and the open request holds 8 headers fewer)
+    sent = {name.lower() for name in fake.records[0].headers}
+    assert not {name for name in sent if name.startswith("x-stainless")}, sent
+    assert {"authorization", "content-type", "user-agent"} <= sent
 
 
 async def test_closing_the_stream_closes_the_upstream_connection(
