@@ -34,4 +34,9 @@ class SSEResponse(EventSourceResponse):
         writer = await super().prepare(request)
         if first:
             self.headers.clear()
+            # aiohttp-sse's ping task has nothing to do (see _ping): not kept either
+            self._ping_task = None
         return writer
+
+    def stop_streaming(self) -> None:
+        """Nothing to stop: there is no ping task (app/heartbeat.py pings)."""

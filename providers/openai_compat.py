@@ -233,8 +233,15 @@ class OpenAICompatProvider:
         except (openai.OpenAIError, httpx2.HTTPError) as exc:
             raise self.map_error(exc, model) from None
         answering = False  # a dropped connection reads differently once text went out
+        # The stream's own __anext__ rather than `async for`, whose __aiter__ is one more
+        # async generator (and weak reference, and pending asend) held per open stream
+        next_chunk = upstream.__anext__
         try:
-            async for chunk in upstream:
+            while True:
+                try:
+                    chunk = await next_chunk()
+                except StopAsyncIteration:
+                    break
                 if not isinstance(chunk, dict):
                     continue
                 usage = chunk.get("usage")
