@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from app.errors import ApiError, Handler
+from app.errors import ApiError
 from app.keys import SERVICE, SETTINGS, STORE
 from app.security import cors_preflight
 from app.settings import Settings
@@ -235,10 +235,13 @@ def _is_public(request: web.Request) -> bool:
     return (method, request.path) in PUBLIC or request.path.startswith("/static/")
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer CORS preflights; set request[PRINCIPAL] (or answer 401); refuse cross-site
-    state changes (403)."""
+async def admit(request: web.Request) -> web.StreamResponse | None:
+    """Answer a CORS preflight (the response), or set request[PRINCIPAL] and return None;
+    raise ApiError 401 / 403 for a missing key or a cross-site state change.
+
+    Called by the request middleware (app/errors.py) before the handler, not as a
+    middleware of its own: a streaming request would hold its frame while it streams.
+    """
     preflight = cors_preflight(request)  # before auth: browsers send it without credentials
     if preflight is not None:
         return preflight
@@ -248,16 +251,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if request.method not in SAFE_METHODS:
             check_origin(request, required=False)  # a browser page elsewhere must not act
         request[PRINCIPAL] = LOCAL
-        return await handler(request)
+        return None
     if _is_public(request):
-        return await handler(request)
+        return None
     who = await authenticate(request)
     if who.via == "cookie" and request.method not in SAFE_METHODS:
         # The cookie is SameSite=Strict; the Origin check also stops same-site,
         # cross-origin pages (a sibling subdomain) from acting with it.
         check_origin(request, required=True)
     request[PRINCIPAL] = who
-    return await handler(request)
+    return None
 
 
 # -- sign-in for the page -----------------------------------------------------------------

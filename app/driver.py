@@ -7,9 +7,9 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass
 
+from app.deadlines import Deadlines
 from app.runs import Run
 from app.settings import ProviderSettings
 from providers.base import (
@@ -40,20 +40,22 @@ class Target:
 
 
 class _Timeouts:
-    """First-token, idle and total deadlines, watched by one timer that moves lazily.
+    """First-token, idle and total deadlines, one entry in the runner's Deadlines that
+    moves lazily.
 
-    Moving a timer per token is a heap operation each (5% of the server's CPU at 10,000
-    slow streams). Instead each event only records the time (`seen`); the timer is armed
-    for the earliest possible deadline and, when it fires, re-arms itself for the real
-    one if events came meanwhile, so it moves about once per idle_timeout. On expiry it
-    cancels the streaming task, as asyncio.timeout does, and `expired()` tells that
-    cancellation apart from any other.
+    Moving a deadline per token is a heap operation each (5% of the server's CPU at
+    10,000 slow streams). Instead each event only records the time (`seen`); the entry
+    is added for the earliest possible deadline and, when it comes due, re-adds itself
+    for the real one if events came meanwhile, so it moves about once per idle_timeout.
+    On expiry it cancels the streaming task, as asyncio.timeout does, and `expired()`
+    tells that cancellation apart from any other.
     """
 
     __slots__ = (
         "_cancelling",
+        "_closed",
+        "_deadlines",
         "_fired",
-        "_handle",
         "first",
         "last",
         "loop",
@@ -63,7 +65,7 @@ class _Timeouts:
         "total_deadline",
     )
 
-    def __init__(self, s: ProviderSettings) -> None:
+    def __init__(self, s: ProviderSettings, deadlines: Deadlines) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop
         self.s = s
@@ -74,7 +76,9 @@ class _Timeouts:
         assert self.task is not None
         self._cancelling = self.task.cancelling()
         self._fired = False
-        self._handle = loop.call_at(self.deadline(), self._check)
+        self._closed = False
+        self._deadlines = deadlines
+        deadlines.add(self.deadline(), self)
 
     def deadline(self) -> float:
         if self.first:
@@ -85,10 +89,13 @@ class _Timeouts:
         """An event arrived (`now` is the loop's time)."""
         self.last = now
 
-    def _check(self) -> None:
+    def due(self) -> None:
+        """The entry came due: cancel the stream if a deadline passed, else re-add it."""
+        if self._closed:
+            return
         deadline = self.deadline()
         if self.loop.time() < deadline:
-            self._handle = self.loop.call_at(deadline, self._check)
+            self._deadlines.add(deadline, self)
             return
         self._fired = True
         assert self.task is not None
@@ -100,7 +107,8 @@ class _Timeouts:
         return self._fired and self.task.uncancel() <= self._cancelling
 
     def close(self) -> None:
-        self._handle.cancel()
+        # the entry stays in the heap until it comes due: it must not cancel anything
+        self._closed = True
 
     def error(self) -> ProviderError:
         if self.loop.time() >= self.total_deadline - 0.001:
@@ -122,16 +130,19 @@ async def _stream_once(
     target: Target,
     messages: Sequence[ChatMessage],
     options: GenerateOptions,
+    deadlines: Deadlines,
     on_gap: Callable[[float], None] | None = None,
 ) -> None:
     """Stream one attempt into the run; raises ProviderError on failure."""
-    timeouts = _Timeouts(target.settings)
+    timeouts = _Timeouts(target.settings, deadlines)
     last: float | None = None  # when the previous text delta came (for on_gap)
     publish_text = run.publish_text
     clock = timeouts.loop.time
     try:
         agen = target.provider.stream(messages, target.model, options)
-        async with aclosing(agen):  # type: ignore[type-var]
+        # try/finally rather than contextlib.aclosing: no context manager and bound
+        # __aexit__ held for as long as the stream is open, times every open stream
+        try:
             async for ev in agen:
                 now = clock()
                 timeouts.seen(now)
@@ -158,6 +169,8 @@ async def _stream_once(
                     }
                 elif type(ev) is Finish:
                     run.finish_reason = ev.reason
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]
     except asyncio.CancelledError:
         if timeouts.expired():
             raise timeouts.error() from None
@@ -217,11 +230,13 @@ async def drive(
     chain: Sequence[Target],
     messages: Sequence[ChatMessage],
     options: GenerateOptions,
+    deadlines: Deadlines,
     on_gap: Callable[[float], None] | None = None,
     on_failure: Callable[[str, str, str], None] | None = None,
 ) -> None:
     """Stream from the first target that works; retry only before anything was sent.
 
+    `deadlines` watches each attempt's first-token, idle and total timeouts.
     `on_gap` is called with the seconds between consecutive text deltas, and `on_failure`
     with (provider, error code, what happens next: retry, fallback or fail) for every
     attempt the provider failed (not for a stop of this server's, such as a user's quota).
@@ -233,7 +248,7 @@ async def drive(
         for attempt in range(target.settings.retries + 1):
             sent_before = run.text_events + len(run.reasoning)
             try:
-                await _stream_once(run, target, messages, options, on_gap)
+                await _stream_once(run, target, messages, options, deadlines, on_gap)
                 return
             except ProviderError as err:
                 last_error = err

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from app.logging_setup import REQUEST_ID, bind_request_id
 
@@ -84,34 +85,46 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind the request id; turn ApiError and aiohttp's HTTP errors into JSON; hide the rest.
+Admit = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
-    One middleware for both (a streaming request holds each middleware's frame for as
-    long as it streams); the id stays bound until the error, if any, is logged.
+
+def request_middleware(admit: Admit) -> Middleware:
+    """The app's one middleware: bind the request id, `admit` the request (auth: an early
+    response, an ApiError or None), run the handler; turn ApiError and aiohttp's HTTP
+    errors into JSON, and hide the rest.
+
+    One middleware for all of it: a streaming request holds each middleware's frame for
+    as long as it streams, times every open stream. The id stays bound until the error,
+    if any, is logged.
     """
-    token = bind_request_id(request)
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return exc.response_for(request)
-    except web.HTTPException as exc:
-        if exc.status < 400 or not request.path.startswith(("/api/", "/v1/", "/ws")):
-            raise
-        message = exc.text or exc.reason
-        if exc.status == 413:
-            message = "The request body is too large."
-        return ApiError(
-            exc.status, _HTTP_CODES.get(exc.status, "error"), message or exc.reason
-        ).response_for(request)
-    except sqlite3.OperationalError as exc:
-        log.error("database error on %s %s: %s", request.method, request.path, exc)
-        return ApiError(
-            503, "storage_busy", "The database is busy; try again shortly.", retryable=True
-        ).response_for(request)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return ApiError(500, "internal", "Internal server error.").response_for(request)
-    finally:
-        REQUEST_ID.reset(token)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        token = bind_request_id(request)
+        try:
+            early = await admit(request)
+            # (a response's truthiness is its state dict's: compare with None)
+            return early if early is not None else await handler(request)
+        except ApiError as exc:
+            return exc.response_for(request)
+        except web.HTTPException as exc:
+            if exc.status < 400 or not request.path.startswith(("/api/", "/v1/", "/ws")):
+                raise
+            message = exc.text or exc.reason
+            if exc.status == 413:
+                message = "The request body is too large."
+            return ApiError(
+                exc.status, _HTTP_CODES.get(exc.status, "error"), message or exc.reason
+            ).response_for(request)
+        except sqlite3.OperationalError as exc:
+            log.error("database error on %s %s: %s", request.method, request.path, exc)
+            return ApiError(
+                503, "storage_busy", "The database is busy; try again shortly.", retryable=True
+            ).response_for(request)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return ApiError(500, "internal", "Internal server error.").response_for(request)
+        finally:
+            REQUEST_ID.reset(token)
+
+    return middleware

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from app import auth, lifecycle, openapi, views_api, views_openai, views_sse, views_ws
 from app.disconnects import DisconnectWatch
-from app.errors import error_middleware
+from app.errors import request_middleware
 from app.keys import DISCONNECTS, EXTRA_PROVIDERS, METRICS, PROVIDERS, SERVICE, SETTINGS, STORE
 from app.limits import Limiter
 from app.logging_setup import request_id_header
@@ -88,11 +88,11 @@ def create_app(
 ) -> web.Application:
     """Build the application. `providers` adds pre-built providers (e.g. scripted fakes)."""
     app = web.Application(
-        # Two middlewares (a streaming request holds each one's frame while it streams).
-        # Outermost, the request id (every log line of the request carries it, errors'
-        # too) and errors become JSON whatever raised them; then CORS preflights (before
-        # auth: browsers send them without credentials), auth and its CSRF/Origin checks.
-        middlewares=[error_middleware, auth.auth_middleware],
+        # One middleware (a streaming request holds its frame while it streams): the
+        # request id (every log line of the request carries it, errors' too), then CORS
+        # preflights (before auth: browsers send them without credentials), auth and its
+        # CSRF/Origin checks (auth.admit), and errors become JSON whatever raised them.
+        middlewares=[request_middleware(auth.admit)],
         client_max_size=settings.limits.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any
 
+from app.deadlines import Deadlines
 from app.driver import Target, drive
 from app.flusher import Flusher
 from app.heartbeat import Heartbeat
@@ -52,6 +53,8 @@ class Runner:
             store, self.metrics, self.live_by_conversation, settings.flush_interval
         )
         self.heartbeat = Heartbeat(self.runs, settings.heartbeat)
+        # every live run's timeouts and waiting-status times, on one loop timer
+        self.deadlines = Deadlines()
         self.accepting = True
 
     def start_background(self) -> None:
@@ -87,6 +90,7 @@ class Runner:
         await self.drain(0)
         await self.heartbeat.stop()
         await self.flusher.stop()
+        self.deadlines.close()
 
     def live_run(self, conversation_id: str) -> Run | None:
         """The conversation's live run, if any."""
@@ -144,15 +148,15 @@ class Runner:
     ) -> None:
         status = "complete"
         error: ProviderError | None = None
-        waiting = asyncio.get_running_loop().call_later(
-            self.settings.status_interval, self._waiting_status, run
-        )
+        waiting = _WaitingStatus(run, self.settings.status_interval, self.deadlines)
+        waiting.add()
         try:
             await drive(
                 run,
                 chain,
                 messages,
                 options,
+                self.deadlines,
                 self.metrics.gap_observer(run.provider, run.model),
                 self.metrics.upstream_failed,
             )
@@ -171,7 +175,7 @@ class Runner:
             status = "failed"
             error = ProviderError("internal", "Something went wrong while answering.")
         finally:
-            waiting.cancel()
+            waiting.stopped = True
         # The stream is over: a cancel landing now (HTTP, WS, a disconnect, shutdown) must
         # not interrupt the final save, or the run never ends and cancel()/drain() hang.
         finishing = asyncio.ensure_future(self._finish(run, status, error))
@@ -179,23 +183,6 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(finishing)
         finishing.result()
-
-    def _waiting_status(self, run: Run) -> None:
-        if run.done or run.first_token_at is not None:
-            return
-        waited = time.monotonic() - run.started_at
-        run.publish(
-            {
-                "type": "status",
-                "message_id": run.message_id,
-                "state": "waiting",
-                "waited": round(waited),
-                "message": f"Waiting for the model ({waited:.0f} s).",
-            }
-        )
-        asyncio.get_running_loop().call_later(
-            self.settings.status_interval, self._waiting_status, run
-        )
 
     async def _finish(self, run: Run, status: str, error: ProviderError | None) -> None:
         outcome = measure(run, status, error)
@@ -272,3 +259,37 @@ class Runner:
             self.metrics.cancel_requested(run.message_id)
             if run.task is not None:
                 run.task.cancel()
+
+
+class _WaitingStatus:
+    """Every `interval` until the first token, tells the run's subscribers how long they
+    have waited (a `status` event); an entry of the runner's Deadlines, not a timer."""
+
+    __slots__ = ("deadlines", "interval", "run", "stopped")
+
+    def __init__(self, run: Run, interval: float, deadlines: Deadlines) -> None:
+        self.run = run
+        self.interval = interval
+        self.deadlines = deadlines
+        self.stopped = False  # the provider's stream is over: nothing more to wait for
+
+    def add(self) -> None:
+        """Come due one interval from now."""
+        self.deadlines.add(asyncio.get_running_loop().time() + self.interval, self)
+
+    def due(self) -> None:
+        """Publish the status, unless the run has started answering or ended."""
+        run = self.run
+        if self.stopped or run.done or run.first_token_at is not None:
+            return
+        waited = time.monotonic() - run.started_at
+        run.publish(
+            {
+                "type": "status",
+                "message_id": run.message_id,
+                "state": "waiting",
+                "waited": round(waited),
+                "message": f"Waiting for the model ({waited:.0f} s).",
+            }
+        )
+        self.add()

@@ -246,16 +246,10 @@ class Run:
         while True:
             end = len(self._kinds)
             if end > after:
-                cached = self._batch
-                if cached is not None and cached[0] == after and cached[1] == end:
-                    batch = cached[2]
-                else:
-                    batch = self.events(after, end)
-                    # another subscriber at the same place reuses this encoding
-                    shared = sum(self.subscribers.values()) > 1
-                    self._batch = (after, end, batch) if shared else None
-                after = end
-                yield batch
+                start, after = after, end
+                # yielded straight from the call: no local keeps the batch (and its JSON)
+                # alive while this subscriber then waits, times every open stream
+                yield self._batch_between(start, end)
                 continue
             if self.done:
                 return
@@ -271,6 +265,16 @@ class Run:
                 raise
             if pinged and len(self._kinds) == after:
                 yield []
+
+    def _batch_between(self, after: int, end: int) -> list[tuple[int, str]]:
+        cached = self._batch
+        if cached is not None and cached[0] == after and cached[1] == end:
+            return cached[2]
+        batch = self.events(after, end)
+        # another subscriber at the same place reuses this encoding
+        shared = sum(self.subscribers.values()) > 1
+        self._batch = (after, end, batch) if shared else None
+        return batch
 
     def subscribe(self, transport: str) -> None:
         """Count a subscriber (for metrics and on_disconnect)."""

@@ -79,39 +79,10 @@ async def _respond(
     watching = task.cancel
     watch.add(request, watching)
     try:
-        async for batch in batches:
-            if len(batch) > settings.subscriber_lag_limit:
-                # too far behind: drop it; it can resume from its Last-Event-ID
-                log.info("dropping SSE client %d events behind", len(batch))
-                if request.transport is not None:
-                    request.transport.abort()
-                break
-            # One write per batch: the same bytes resp.send() frames event by event (our
-            # JSON has no raw line breaks), without its per-event regex, buffer and timer.
-            # An empty batch is the heartbeat: the stream was quiet (app/heartbeat.py).
-            frames = (
-                "".join([f"id: {seq}\ndata: {data}\n\n" for seq, data in batch]).encode()
-                if batch
-                else PING
-            )
-            transport = request.transport
-            if (
-                transport is not None
-                and len(frames) < UNTIMED_WRITE
-                and not transport.get_write_buffer_size()
-            ):
-                # Nothing queued and a small write: the transport takes it without waiting,
-                # so no send timer (one per token otherwise); a stalled client's buffer
-                # fills and its next write is timed.
-                await resp.write(frames)
-                continue
-            try:
-                async with asyncio.timeout(settings.send_timeout):
-                    await resp.write(frames)
-            except TimeoutError:
-                if request.transport is not None:
-                    request.transport.abort()  # as aiohttp-sse does for a stalled send
-                raise
+        # each batch is handed straight to _send: nothing of it (nor its encoded frames)
+        # stays referenced from this frame while the stream waits, times every open stream
+        while await _send(request, resp, settings, await anext(batches, None)):
+            pass
     except (ConnectionResetError, TimeoutError):
         pass  # the client went away (or stalled and was cut); the run goes on without it
     finally:
@@ -121,6 +92,48 @@ async def _respond(
             request.app[SERVICE].subscriber_left(run, "sse")
         resp.stop_streaming()
     return resp
+
+
+async def _send(
+    request: web.Request,
+    resp: SSEResponse,
+    settings: StreamingSettings,
+    batch: list[tuple[int, str]] | None,
+) -> bool:
+    """Write one batch; False once there is nothing more to write (None: the end)."""
+    if batch is None:
+        return False
+    if len(batch) > settings.subscriber_lag_limit:
+        # too far behind: drop it; it can resume from its Last-Event-ID
+        log.info("dropping SSE client %d events behind", len(batch))
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+    # One write per batch: the same bytes resp.send() frames event by event (our JSON
+    # has no raw line breaks), without its per-event regex, buffer and timer. An empty
+    # batch is the heartbeat: the stream was quiet (app/heartbeat.py).
+    frames = (
+        "".join([f"id: {seq}\ndata: {data}\n\n" for seq, data in batch]).encode() if batch else PING
+    )
+    transport = request.transport
+    if (
+        transport is not None
+        and len(frames) < UNTIMED_WRITE
+        and not transport.get_write_buffer_size()
+    ):
+        # Nothing queued and a small write: the transport takes it without waiting, so
+        # no send timer (one per token otherwise); a stalled client's buffer fills and
+        # its next write is timed.
+        await resp.write(frames)
+        return True
+    try:
+        async with asyncio.timeout(settings.send_timeout):
+            await resp.write(frames)
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()  # as aiohttp-sse does for a stalled send
+        raise
+    return True
 
 
 async def _replay(

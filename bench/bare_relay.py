@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from providers.http2 import H2Transport
+from providers.openai_compat import ChunkStream
 
 CLIENT = web.AppKey("client", openai.AsyncOpenAI)
 _ids = itertools.count(1)
@@ -41,15 +42,17 @@ async def stream(request: web.Request) -> web.StreamResponse:
     mid = f"m{next(_ids)}"
     upstream = await client.post(
         "/chat/completions",
-        body={
-            "model": "bench",
-            "messages": [{"role": "user", "content": body["content"]}],
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
+        content=orjson.dumps(
+            {
+                "model": "bench",
+                "messages": [{"role": "user", "content": body["content"]}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        ),
         cast_to=object,
         stream=True,
-        stream_cls=openai.AsyncStream[object],
+        stream_cls=ChunkStream,
     )
     resp = EventSourceResponse(allow_all_methods=True, sep="\n", ping_interval=15)
     await resp.prepare(request)

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+import orjson
 
 from app.settings import ProviderSettings
 from providers.base import (
@@ -33,6 +34,7 @@ from providers.http2 import H2Transport
 
 log = logging.getLogger(__name__)
 
+
 # The SDK tells the provider this machine's OS, CPU architecture, Python version and SDK
 # version on every request, and the attempt's retry count and read timeout (our driver
 # retries, not the SDK): 8 of its 12 headers, none of them the provider's business, and
@@ -51,6 +53,12 @@ NO_SDK_HEADERS: dict[str, str | openai.Omit] = {
         "X-Stainless-Read-Timeout",
     )
 }
+
+
+class ChunkStream(openai.AsyncStream[object]):
+    """The SDK's stream of parsed JSON chunks, as a concrete class: instantiating the
+    generic alias `AsyncStream[object]` also stores it on every stream (`__orig_class__`)."""
+
 
 # The SDK's read timeout is only a backstop: the driver's first-token and idle timeouts
 # fire first (with a clearer message) because this margin keeps the SDK's later.
@@ -224,10 +232,13 @@ class OpenAICompatProvider:
             # TypedDicts (~0.3 ms per request). See docs/performance.md.
             upstream = await self.client.post(
                 "/chat/completions",
-                body=body,
+                # the body as JSON bytes (the SDK's `content`; its default Content-Type is
+                # application/json): given as a dict, the SDK keeps a stripped copy and
+                # two deep copies of it for as long as the stream is open (~1 KB a stream)
+                content=orjson.dumps(body),
                 cast_to=object,
                 stream=True,
-                stream_cls=openai.AsyncStream[object],
+                stream_cls=ChunkStream,
                 options={"headers": NO_SDK_HEADERS},
             )
         except (openai.OpenAIError, httpx2.HTTPError) as exc:
