@@ -42,14 +42,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
     mid = f"m{next(_ids)}"
     upstream = await client.post(
         "/chat/completions",
-        content=orjson.dumps(
-            {
-                "model": "bench",
-                "messages": [{"role": "user", "content": body["content"]}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-        ),
+        body={
+            "model": "bench",
+            "messages": [{"role": "user", "content": body["content"]}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
         cast_to=object,
         stream=True,
         stream_cls=ChunkStream,

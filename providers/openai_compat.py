@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
-import orjson
 
 from app.settings import ProviderSettings
 from providers.base import (
@@ -232,10 +231,7 @@ class OpenAICompatProvider:
             # TypedDicts (~0.3 ms per request). See docs/performance.md.
             upstream = await self.client.post(
                 "/chat/completions",
-                # the body as JSON bytes (the SDK's `content`; its default Content-Type is
-                # application/json): given as a dict, the SDK keeps a stripped copy and
-                # two deep copies of it for as long as the stream is open (~1 KB a stream)
-                content=orjson.dumps(body),
+                body=body,
                 cast_to=object,
                 stream=True,
                 stream_cls=ChunkStream,
